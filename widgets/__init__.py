@@ -1,0 +1,1 @@
+"""JupyterLab panels for runlora_nb (installed as ``runlora_nb.widgets``)."""
