@@ -1,0 +1,451 @@
+"""The chain table: equivalent orders of matrix products for a LoRA linear layer.
+
+Notation (arXiv 2312.03415): N tokens, i = in_features, o = out_features, r = rank, s = alpha / r.
+In math ``Y = XW + s(XA)B`` with W (i, o), A (i, r), B (r, o). Tensors are stored the PEFT / ``nn.Linear`` way:
+``wt`` is Wᵀ (o, i), ``a`` is Aᵀ (r, i) (``lora_A.weight``), ``b`` is Bᵀ (o, r) (``lora_B.weight``). Every
+product below is written on those stored layouts, so no weight is ever copied or transposed in memory.
+
+Each chain is data: a small function, its formula, and the list of GEMM shapes it performs for the gradients
+that are needed. FLOPs, bytes moved and the planner's cost model are all derived from that one list, and a test
+checks it against ``torch.utils.flop_counter`` on the real function.
+
+Dropout acts on the adapter path only (``D(X)`` replaces X in every adapter product). Merged chains fold the
+adapter into the base weight (``W + sAB``), which cannot express a mask on the adapter path: they are invalid
+with dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+__all__ = [
+    "BACKWARD",
+    "FORWARD",
+    "Chain",
+    "Gemm",
+    "Needs",
+    "Operands",
+    "pair_flops",
+    "pair_temp_bytes",
+    "valid_pairs",
+]
+
+
+class Needs(NamedTuple):
+    """Which gradients backward must produce: dX, dA, dB."""
+
+    dx: bool = True
+    da: bool = True
+    db: bool = True
+
+    @property
+    def adapter(self) -> bool:
+        """True when any adapter gradient (dA or dB) is needed."""
+        return self.da or self.db
+
+    @property
+    def any(self) -> bool:
+        return self.dx or self.da or self.db
+
+    def label(self) -> str:
+        """Short text like ``"dX,dA,dB"`` or ``"none"``."""
+        names = [n for n, on in zip(("dX", "dA", "dB"), self) if on]
+        return ",".join(names) or "none"
+
+
+ALL = Needs()
+
+
+class Gemm(NamedTuple):
+    """One matrix product (m, k) @ (k, n); ``accumulate`` marks an addmm into an existing (m, n) output."""
+
+    m: int
+    k: int
+    n: int
+    accumulate: bool = False
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+
+@dataclass
+class Operands:
+    """Inputs of one chain call, flattened and in stored layouts.
+
+    Attributes:
+        x: (N, i) input in the base compute dtype; None in a backward that needs only dX.
+        weight: (o, i) base weight Wᵀ in the base compute dtype, or a zero-arg callable that returns it
+            (quantized bases dequantize on demand and never keep the result).
+        a: (r, i) ``lora_A.weight`` in the adapter dtype.
+        b: (o, r) ``lora_B.weight`` in the adapter dtype.
+        s: scaling, already multiplied by the dropout keep scale.
+        bias: (o,) frozen bias in the base compute dtype, or None.
+        keep: (N, i) boolean dropout keep mask, or None without dropout.
+    """
+
+    x: torch.Tensor | None
+    weight: torch.Tensor | Callable[[], torch.Tensor]
+    a: torch.Tensor
+    b: torch.Tensor
+    s: float
+    bias: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    @functools.cached_property
+    def wt(self) -> torch.Tensor:
+        """(o, i) base weight; a dequantizing callable runs at most once per chain call."""
+        return self.weight() if callable(self.weight) else self.weight
+
+    @functools.cached_property
+    def xd(self) -> torch.Tensor:
+        """(N, i) adapter input D(X) in the adapter dtype (mask applied, scale folded into ``s``)."""
+        x = self.x if self.keep is None else self.x * self.keep
+        return x.to(self.a.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """(o, i) Wᵀ + s·(AB)ᵀ in the base dtype: an i×o temporary, never kept."""
+        wt = self.wt
+        return torch.addmm(wt, self.b.to(wt.dtype), self.a.to(wt.dtype), alpha=self.s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small shared pieces
+
+
+def _base(op: Operands, wt: torch.Tensor) -> torch.Tensor:
+    """(N, o) = X·W (+ bias) for a given (o, i) weight."""
+    if op.bias is None:
+        return op.x @ wt.t()
+    return torch.addmm(op.bias, op.x, wt.t())
+
+
+def _add_adapter(y: torch.Tensor, xa: torch.Tensor, op: Operands) -> torch.Tensor:
+    """y += s·(XA)B, summed in the adapter dtype and returned in y's dtype (PEFT's numerics)."""
+    if y.dtype == xa.dtype:
+        return y.addmm_(xa, op.b.t(), alpha=op.s)
+    return y.to(xa.dtype).addmm_(xa, op.b.t(), alpha=op.s).to(y.dtype)
+
+
+def _t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
+    """(N, r) T = s·dY·Bᵀ in the adapter dtype (s folded here once, for dA and dX alike)."""
+    return (dy_a @ op.b).mul_(op.s)
+
+
+def _dx_adapter(dx: torch.Tensor, t: torch.Tensor, op: Operands) -> torch.Tensor:
+    """dx += D'(T·Aᵀ): the adapter part of dX, masked like the forward input was."""
+    if op.keep is None and dx.dtype == t.dtype:
+        return dx.addmm_(t, op.a)
+    ta = t @ op.a  # (N, i)
+    if op.keep is not None:
+        ta.mul_(op.keep)
+    return dx.add_(ta.to(dx.dtype))
+
+
+def _g_t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
+    """(o, i) Gᵀ = dYᵀ·D(X), the full-size gradient product of the 'G' chains, in the adapter dtype."""
+    return dy_a.t() @ op.xd
+
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward chains
+
+
+def fwd1(op: Operands) -> torch.Tensor:
+    """Y = XW + s(XA)B: base GEMM, then the adapter added into its result by one addmm."""
+    y = _base(op, op.wt)  # (N, o)
+    xa = op.xd @ op.a.t()  # (N, r)
+    return _add_adapter(y, xa, op)
+
+
+def fwd2(op: Operands) -> torch.Tensor:
+    """Y = X(W + sAB): merge the adapter into an (i, o) temporary, then one GEMM."""
+    return _base(op, op.merged_weight())
+
+
+def _fwd1_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
+    return [Gemm(N, i, o), Gemm(N, i, r), Gemm(N, r, o, accumulate=True)]
+
+
+def _fwd2_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
+    return [Gemm(o, r, i, accumulate=True), Gemm(N, i, o)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backward chains: each returns (dX (N, i) | None, dA (r, i) | None, dB (o, r) | None)
+
+
+def _dx_plain(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dX = dY·Wᵀ + s·T·Aᵀ."""
+    return _dx_adapter(dy @ op.wt, t, op)
+
+
+def _dx_merged(op: Operands, dy: torch.Tensor) -> torch.Tensor:
+    """dX = dY·(W + sAB)ᵀ."""
+    return dy @ op.merged_weight()
+
+
+def bwd1(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """dA = s·XᵀT, dB = s·(XA)ᵀdY with XA recomputed, dX = dY·Wᵀ + s·T·Aᵀ."""
+    dy_a = dy.to(op.a.dtype)
+    t = _t(op, dy_a) if (needs.da or needs.dx) else None
+    da = t.t() @ op.xd if needs.da else None
+    db = (dy_a.t() @ (op.xd @ op.a.t())).mul_(op.s) if needs.db else None
+    dx = _dx_plain(op, dy, t) if needs.dx else None
+    return dx, da, db
+
+
+def bwd2(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """dA = s·XᵀT, dB = s·Aᵀ(XᵀdY), dX = dY·Wᵀ + s·T·Aᵀ."""
+    dy_a = dy.to(op.a.dtype)
+    t = _t(op, dy_a) if (needs.da or needs.dx) else None
+    da = t.t() @ op.xd if needs.da else None
+    db = (_g_t(op, dy_a) @ op.a.t()).mul_(op.s) if needs.db else None
+    dx = _dx_plain(op, dy, t) if needs.dx else None
+    return dx, da, db
+
+
+def _grads_from_g(op: Operands, dy_a: torch.Tensor, needs: Needs) -> tuple[torch.Tensor | None, ...]:
+    """dA = s·G·Bᵀ and dB = s·Aᵀ·G from one G = XᵀdY."""
+    if not needs.adapter:
+        return None, None
+    g_t = _g_t(op, dy_a)  # (o, i)
+    da = (op.b.t() @ g_t).mul_(op.s) if needs.da else None  # (r, i)
+    db = (g_t @ op.a.t()).mul_(op.s) if needs.db else None  # (o, r)
+    return da, db
+
+
+def bwd3(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """dA = s·G·Bᵀ, dB = s·Aᵀ·G with G = XᵀdY, dX = dY·Wᵀ + s·T·Aᵀ."""
+    dy_a = dy.to(op.a.dtype)
+    da, db = _grads_from_g(op, dy_a, needs)
+    dx = _dx_plain(op, dy, _t(op, dy_a)) if needs.dx else None
+    return dx, da, db
+
+
+def bwd4(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """dA = s·G·Bᵀ, dB = s·Aᵀ·G with G = XᵀdY, dX = dY·(W + sAB)ᵀ."""
+    da, db = _grads_from_g(op, dy.to(op.a.dtype), needs)
+    dx = _dx_merged(op, dy) if needs.dx else None
+    return dx, da, db
+
+
+def bwd5(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """dA = s·XᵀT, dB = s·(XA)ᵀdY with XA recomputed, dX = dY·(W + sAB)ᵀ."""
+    dy_a = dy.to(op.a.dtype)
+    da = _t(op, dy_a).t() @ op.xd if needs.da else None
+    db = (dy_a.t() @ (op.xd @ op.a.t())).mul_(op.s) if needs.db else None
+    dx = _dx_merged(op, dy) if needs.dx else None
+    return dx, da, db
+
+
+# GEMM lists, mirroring the functions above term by term.
+
+
+def _t_gemm(N, i, o, r) -> Gemm:
+    return Gemm(N, o, r)  # T = dY·Bᵀ
+
+
+def _bwd1_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
+    g += [Gemm(r, N, i)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(o, N, r)] if needs.db else []
+    g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
+    return g
+
+
+def _bwd2_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
+    g += [Gemm(r, N, i)] if needs.da else []
+    g += [Gemm(o, N, i), Gemm(o, i, r)] if needs.db else []
+    g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
+    return g
+
+
+def _g_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [Gemm(o, N, i)] if needs.adapter else []
+    g += [Gemm(r, o, i)] if needs.da else []
+    g += [Gemm(o, i, r)] if needs.db else []
+    return g
+
+
+def _bwd3_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    dx = [_t_gemm(N, i, o, r), Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
+    return _g_gemms(N, i, o, r, needs) + dx
+
+
+def _merged_dx_gemms(N, i, o, r) -> list[Gemm]:
+    return [Gemm(o, r, i, accumulate=True), Gemm(N, o, i)]
+
+
+def _bwd4_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    return _g_gemms(N, i, o, r, needs) + (_merged_dx_gemms(N, i, o, r) if needs.dx else [])
+
+
+def _bwd5_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [_t_gemm(N, i, o, r), Gemm(r, N, i)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(o, N, r)] if needs.db else []
+    return g + (_merged_dx_gemms(N, i, o, r) if needs.dx else [])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One named order of products.
+
+    Attributes:
+        id: ``"fwd1"`` … ``"bwd5"``.
+        kind: ``"fwd"`` or ``"bwd"``.
+        formula: what it computes, in the paper's notation.
+        fn: forward ``fn(op) -> Y`` or backward ``fn(op, dy, needs) -> (dX, dA, dB)``.
+        merged: True if it builds ``W + sAB`` (invalid with dropout; rounds sAB to the base dtype).
+        gemm_list: ``(N, i, o, r[, needs]) -> list[Gemm]``, the products it performs.
+        temps: ``(N, i, o, r, needs) -> int``, elements of the temporaries it allocates (besides outputs).
+    """
+
+    id: str
+    kind: Literal["fwd", "bwd"]
+    formula: str
+    fn: Callable
+    merged: bool
+    gemm_list: Callable[..., list[Gemm]]
+    temps: Callable[[int, int, int, int, Needs], int]
+
+    def gemms(self, N: int, i: int, o: int, r: int, needs: Needs = ALL) -> list[Gemm]:
+        """The GEMMs this chain runs for ``needs`` (forward chains ignore ``needs``)."""
+        if self.kind == "fwd":
+            return self.gemm_list(N, i, o, r)
+        return self.gemm_list(N, i, o, r, Needs(*needs))
+
+    def flops(self, N: int, i: int, o: int, r: int, needs: Needs = ALL) -> int:
+        """Matmul FLOPs (2·m·k·n per product) for the gradients in ``needs``."""
+        return sum(g.flops for g in self.gemms(N, i, o, r, needs))
+
+    def temp_bytes(self, N: int, i: int, o: int, r: int, needs: Needs = ALL, itemsize: int = 4) -> int:
+        """Bytes of temporaries the chain allocates and frees within the call."""
+        return self.temps(N, i, o, r, Needs(*needs)) * itemsize
+
+    def valid_with_dropout(self) -> bool:
+        return not self.merged
+
+    def __repr__(self) -> str:  # keep tables and error messages short
+        return f"Chain({self.id}: {self.formula})"
+
+
+def _fwd_temps(merged: bool) -> Callable[..., int]:
+    return lambda N, i, o, r, needs: i * o if merged else N * r
+
+
+def _bwd_temps(t: bool, xa: bool, g: bool, merged: bool) -> Callable[..., int]:
+    def temps(N, i, o, r, needs: Needs) -> int:
+        n = N * r if (t and (needs.da or needs.dx)) else 0
+        n += N * r if (xa and needs.db) else 0
+        n += i * o if (g and needs.adapter) else 0
+        n += i * o if (merged and needs.dx) else 0
+        return n
+
+    return temps
+
+
+FORWARD: dict[str, Chain] = {
+    c.id: c
+    for c in (
+        Chain("fwd1", "fwd", "Y = XW + s(XA)B", fwd1, False, _fwd1_gemms, _fwd_temps(False)),
+        Chain("fwd2", "fwd", "Y = X(W + sAB)", fwd2, True, _fwd2_gemms, _fwd_temps(True)),
+    )
+}
+
+BACKWARD: dict[str, Chain] = {
+    c.id: c
+    for c in (
+        Chain(
+            "bwd1",
+            "bwd",
+            "dA = s·XᵀT, dB = s·(XA)ᵀdY, dX = dY·Wᵀ + s·T·Aᵀ  (T = dY·Bᵀ)",
+            bwd1,
+            False,
+            _bwd1_gemms,
+            _bwd_temps(t=True, xa=True, g=False, merged=False),
+        ),
+        Chain(
+            "bwd2",
+            "bwd",
+            "dA = s·XᵀT, dB = s·Aᵀ(XᵀdY), dX = dY·Wᵀ + s·T·Aᵀ",
+            bwd2,
+            False,
+            _bwd2_gemms,
+            _bwd_temps(t=True, xa=False, g=True, merged=False),
+        ),
+        Chain(
+            "bwd3",
+            "bwd",
+            "dA = s·G·Bᵀ, dB = s·Aᵀ·G, dX = dY·Wᵀ + s·T·Aᵀ  (G = XᵀdY)",
+            bwd3,
+            False,
+            _bwd3_gemms,
+            _bwd_temps(t=True, xa=False, g=True, merged=False),
+        ),
+        Chain(
+            "bwd4",
+            "bwd",
+            "dA = s·G·Bᵀ, dB = s·Aᵀ·G, dX = dY·(W + sAB)ᵀ",
+            bwd4,
+            True,
+            _bwd4_gemms,
+            _bwd_temps(t=False, xa=False, g=True, merged=True),
+        ),
+        Chain(
+            "bwd5",
+            "bwd",
+            "dA = s·XᵀT, dB = s·(XA)ᵀdY, dX = dY·(W + sAB)ᵀ",
+            bwd5,
+            True,
+            _bwd5_gemms,
+            _bwd_temps(t=True, xa=True, g=False, merged=True),
+        ),
+    )
+}
+
+
+def valid_pairs(dropout: float = 0.0, *, allow_merged: bool = True) -> Iterator[tuple[str, str]]:
+    """Every (fwd id, bwd id) pair valid under the given conditions.
+
+    Args:
+        dropout: adapter dropout probability; any p > 0 rules out the merged chains.
+        allow_merged: False also rules them out (e.g. fp32 adapters on a bf16 base, where ``W + sAB`` would
+            round the adapter's contribution to bf16).
+
+    Yields:
+        ``(fwd_id, bwd_id)`` in table order.
+    """
+    merged_ok = allow_merged and dropout == 0.0
+    for f in FORWARD.values():
+        for b in BACKWARD.values():
+            if merged_ok or not (f.merged or b.merged):
+                yield f.id, b.id
+
+
+def pair_flops(fwd: str, bwd: str, N: int, i: int, o: int, r: int, needs: Needs = ALL) -> int:
+    """FLOPs of one forward + backward with the given pair (backward skipped when nothing is needed)."""
+    total = FORWARD[fwd].flops(N, i, o, r)
+    return total + (BACKWARD[bwd].flops(N, i, o, r, needs) if Needs(*needs).any else 0)
+
+
+def pair_temp_bytes(
+    fwd: str, bwd: str, N: int, i: int, o: int, r: int, needs: Needs = ALL, itemsize: int = 4
+) -> int:
+    """Peak temporary bytes of the pair: the larger of its forward and backward temporaries."""
+    f = FORWARD[fwd].temp_bytes(N, i, o, r, needs, itemsize)
+    b = BACKWARD[bwd].temp_bytes(N, i, o, r, needs, itemsize) if Needs(*needs).any else 0
+    return max(f, b)

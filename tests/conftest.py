@@ -1,0 +1,36 @@
+"""Shared test setup: offline, a private cache root per session, deterministic torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Plans and calibrations go to a fresh folder; models keep the shared cache (see RUNLORA_NB_MODEL_CACHE)."""
+    root = tmp_path_factory.getbasetemp() / "runlora_cache"
+    old = os.environ.get("RUNLORA_NB_CACHE")
+    os.environ["RUNLORA_NB_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("RUNLORA_NB_CACHE", None)
+    else:
+        os.environ["RUNLORA_NB_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / max(‖ref‖, tiny), in float64."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
