@@ -11,11 +11,11 @@ from torch import nn
 
 from . import quant
 from .base import BaseInfo, describe_base
-from .chains import BACKWARD, FORWARD, Needs, valid_pairs
+from .chains import BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
 from .function import CallSpec, lora_apply
 from .planner import MODES, ChainPlan, plan_chains
 
-__all__ = ["RunLoRALinear", "default_adapter_dtype"]
+__all__ = ["ChainDispatch", "RunLoRALinear", "default_adapter_dtype"]
 
 ChainArg = str | Sequence[str]
 
@@ -46,7 +46,123 @@ def _check_chain(chain: ChainArg, dropout: float, name: str) -> str | tuple[str,
     return pair  # type: ignore[return-value]
 
 
-class RunLoRALinear(nn.Module):
+class ChainDispatch:
+    """Per-call planning and dispatch, shared by :class:`RunLoRALinear` and PEFT layers converted in place.
+
+    The host module provides ``base_layer``; this mixin keeps ``runlora_info`` (the base's
+    :class:`~runlora_nb.base.BaseInfo`), ``runlora_chain`` (mode or explicit pair) and a small dict of
+    :class:`~runlora_nb.function.CallSpec` per call key, so the hot path is one dict lookup.
+    """
+
+    runlora_info: BaseInfo
+    runlora_chain: str | tuple[str, str]
+
+    def _init_dispatch(self, info: BaseInfo, chain: str | tuple[str, str]) -> None:
+        self.runlora_info = info
+        self.runlora_chain = chain
+        self._runlora_specs: dict[tuple, CallSpec] = {}
+        self._runlora_plans: dict[tuple, ChainPlan] = {}
+        self._runlora_last_key: tuple | None = None
+
+    def set_chain(self, chain: ChainArg) -> None:
+        """Switch planner mode or pin a pair, e.g. ``layer.set_chain(("fwd1", "bwd1"))``."""
+        self.runlora_chain = _check_chain(chain, self._runlora_max_dropout(), self._runlora_name())
+        self._runlora_specs.clear()
+        self._runlora_plans.clear()
+
+    @property
+    def last_plan(self) -> ChainPlan | None:
+        """The plan used by the most recent call (None before the first call)."""
+        return self._runlora_plans.get(self._runlora_last_key)
+
+    def _runlora_name(self) -> str:
+        return getattr(self, "name", None) or type(self).__name__
+
+    def _runlora_max_dropout(self) -> float:
+        raise NotImplementedError
+
+    def _compute_dtypes(
+        self, device_type: str, adapter_dtype: torch.dtype
+    ) -> tuple[torch.dtype, torch.dtype]:
+        """(base, adapter) product dtypes: the autocast dtype for both under autocast, else the stored ones."""
+        if torch.is_autocast_enabled(device_type):
+            dt = torch.get_autocast_dtype(device_type)
+            return dt, dt
+        info = self.runlora_info
+        base = info.dtype
+        if info.quantized:
+            base = getattr(self.base_layer, "compute_dtype", None) or base
+        return base, adapter_dtype
+
+    def _plan(
+        self, n: int, needs: Needs, base, adapter, device: torch.device, rank: int, dropout: float
+    ) -> ChainPlan:
+        info = self.runlora_info
+        if isinstance(self.runlora_chain, tuple):
+            f, b = self.runlora_chain
+            i, o = info.in_features, info.out_features
+            return ChainPlan(
+                f,
+                b,
+                "explicit",
+                pair_flops(f, b, n, i, o, rank, needs),
+                None,
+                pair_temp_bytes(f, b, n, i, o, rank, needs, base.itemsize),
+                "chosen by the user",
+            )
+        return plan_chains(
+            n,
+            info.in_features,
+            info.out_features,
+            rank,
+            needs=needs,
+            dtype=base,
+            adapter_dtype=adapter,
+            device=device,
+            dropout=dropout,
+            quant=info.kind if info.quantized else "",
+            mode=self.runlora_chain,
+        )
+
+    def _dispatch(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float
+    ) -> torch.Tensor:
+        """Y = X·W + s·(D(X)·A)·B (+ bias) for the host's base layer with adapters ``a`` (r, i), ``b`` (o, r)."""
+        info = self.runlora_info
+        if x.shape[-1] != info.in_features:
+            raise ValueError(
+                f"{self._runlora_name()}: input has last dimension {x.shape[-1]} (shape {tuple(x.shape)}) but the "
+                f"layer expects in_features={info.in_features}; pass a (..., {info.in_features}) tensor"
+            )
+        grad = torch.is_grad_enabled()
+        needs = Needs(grad and x.requires_grad, grad and a.requires_grad, grad and b.requires_grad)
+        p = dropout if self.training else 0.0
+        n = x.numel() // info.in_features
+        base_dtype, adapter_dtype = self._compute_dtypes(x.device.type, a.dtype)
+        key = (n, needs, base_dtype, adapter_dtype, x.device, p, scaling, a.shape[0])
+        spec = self._runlora_specs.get(key)
+        if spec is None:
+            if len(self._runlora_specs) > 256:  # many distinct sequence lengths: keep the dicts small
+                self._runlora_specs.clear()
+                self._runlora_plans.clear()
+            plan = self._plan(n, needs, base_dtype, adapter_dtype, x.device, a.shape[0], p)
+            spec = self._make_spec(plan, base_dtype, adapter_dtype, scaling, p)
+            self._runlora_specs[key], self._runlora_plans[key] = spec, plan
+        self._runlora_last_key = key
+        base = self.base_layer
+        weight = None if info.quantized else base.weight
+        y = lora_apply(x, a, b, weight, getattr(base, "bias", None), spec)
+        return y.to(x.dtype) if info.quantized else y
+
+    def _make_spec(self, plan: ChainPlan, base_dtype, adapter_dtype, scaling: float, p: float) -> CallSpec:
+        info = self.runlora_info
+        dequant = quant.dequantizer(self.base_layer, info, base_dtype) if info.quantized else None
+        return CallSpec(
+            FORWARD[plan.fwd], BACKWARD[plan.bwd], scaling, p, info.conv1d, base_dtype, adapter_dtype, dequant
+        )
+
+
+class RunLoRALinear(ChainDispatch, nn.Module):
     """Y = X·W + s·(D(X)·A)·B (+ bias) around an existing linear layer, with the cheapest valid chain pair.
 
     The base layer is kept as ``base_layer`` and never copied (views only); its weight and bias are frozen.
@@ -104,9 +220,9 @@ class RunLoRALinear(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        self.chain = _check_chain(chain, float(dropout), self.name)
+        checked_chain = _check_chain(chain, float(dropout), self.name)
         self.base_layer = base_layer
-        self.info: BaseInfo = info
+        self._init_dispatch(info, checked_chain)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
@@ -120,7 +236,6 @@ class RunLoRALinear(nn.Module):
         self.lora_A = nn.Linear(info.in_features, r, **kw)
         self.lora_B = nn.Linear(r, info.out_features, **kw)
         self.reset_lora_parameters(init_lora_weights)
-        self._specs: dict[tuple, CallSpec] = {}
 
     # ------------------------------------------------------------------------------------------------ shape
     @property
@@ -156,16 +271,27 @@ class RunLoRALinear(nn.Module):
                 raise ValueError(
                     f"{self.name}: init_lora_weights must be True, False or 'gaussian', got {init!r}"
                 )
+            base = self.info.dtype
+            if (
+                not self.info.quantized
+                and base in (torch.float16, torch.bfloat16)
+                and base != self.lora_A.weight.dtype
+            ):
+                # PEFT creates adapters in the base dtype before casting them to fp32: same values, same run
+                for w in (self.lora_A.weight, self.lora_B.weight):
+                    w.copy_(w.to(base))
 
     # ------------------------------------------------------------------------------------------------ planning
-    def _dtypes(self, device_type: str) -> tuple[torch.dtype, torch.dtype]:
-        if torch.is_autocast_enabled(device_type):
-            dt = torch.get_autocast_dtype(device_type)
-            return dt, dt
-        base = self.info.dtype
-        if self.info.quantized:
-            base = getattr(self.base_layer, "compute_dtype", None) or base
-        return base, self.lora_A.weight.dtype
+    @property
+    def info(self) -> BaseInfo:
+        return self.runlora_info
+
+    @property
+    def chain(self) -> str | tuple[str, str]:
+        return self.runlora_chain
+
+    def _runlora_max_dropout(self) -> float:
+        return self.dropout
 
     def plan(
         self,
@@ -178,89 +304,22 @@ class RunLoRALinear(nn.Module):
 
         Args:
             n_tokens: N = batch × sequence.
-            needs: which of (dX, dA, dB) are needed; default: all three when training, as the first call sees.
+            needs: which of (dX, dA, dB) are needed; default all three.
             device: default: the weight's device.
 
         Returns:
             A :class:`~runlora_nb.planner.ChainPlan`.
         """
         dev = torch.device(device) if device is not None else self.info.device
-        base, adapter = self._dtypes(dev.type)
+        base, adapter = self._compute_dtypes(dev.type, self.lora_A.weight.dtype)
         p = self.dropout if self.training else 0.0
-        return self._plan(n_tokens, Needs(*(needs or (True, True, True))), base, adapter, dev, p)
-
-    def _plan(self, n: int, needs: Needs, base, adapter, device: torch.device, dropout: float) -> ChainPlan:
-        if isinstance(self.chain, tuple):
-            from .chains import pair_flops, pair_temp_bytes
-
-            f, b = self.chain
-            i, o, r = self.in_features, self.out_features, self.r
-            return ChainPlan(
-                f,
-                b,
-                "explicit",
-                pair_flops(f, b, n, i, o, r, needs),
-                None,
-                pair_temp_bytes(f, b, n, i, o, r, needs, base.itemsize),
-                "chosen by the user",
-            )
-        return plan_chains(
-            n,
-            self.in_features,
-            self.out_features,
-            self.r,
-            needs=needs,
-            dtype=base,
-            adapter_dtype=adapter,
-            device=device,
-            dropout=dropout,
-            quant=self.info.kind if self.info.quantized else "",
-            mode=self.chain,
-        )
-
-    def _spec(self, n: int, needs: Needs, device: torch.device) -> CallSpec:
-        base, adapter = self._dtypes(device.type)
-        key = (n, needs, base, adapter, device.type, self.training)
-        spec = self._specs.get(key)
-        if spec is None:
-            p = self.dropout if self.training else 0.0
-            plan = self._plan(n, needs, base, adapter, device, p)
-            dequant = quant.dequantizer(self.base_layer, self.info, base) if self.info.quantized else None
-            spec = CallSpec(
-                FORWARD[plan.fwd],
-                BACKWARD[plan.bwd],
-                self.scaling,
-                p,
-                self.info.conv1d,
-                base,
-                adapter,
-                dequant,
-            )
-            if len(self._specs) > 256:  # many distinct sequence lengths: keep the dict small
-                self._specs.clear()
-            self._specs[key] = spec
-        return spec
+        return self._plan(n_tokens, Needs(*(needs or (True, True, True))), base, adapter, dev, self.r, p)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{self.name}: input has last dimension {x.shape[-1]} (shape {tuple(x.shape)}) but the layer "
-                f"expects in_features={self.in_features}; pass a (..., {self.in_features}) tensor"
-            )
-        grad = torch.is_grad_enabled()
-        needs = Needs(
-            grad and x.requires_grad,
-            grad and self.lora_A.weight.requires_grad,
-            grad and self.lora_B.weight.requires_grad,
-        )
-        n = x.numel() // self.in_features if self.in_features else 0
-        spec = self._spec(n, needs, x.device)
-        weight = None if self.info.quantized else self.base_layer.weight
-        y = lora_apply(x, self.lora_A.weight, self.lora_B.weight, weight, self.bias, spec)
-        return y.to(x.dtype) if self.info.quantized else y
+        return self._dispatch(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
 
     # ------------------------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -273,7 +332,6 @@ class RunLoRALinear(nn.Module):
         delta = self.delta_weight() * sign  # (o, i)
         if self.info.quantized:
             quant.requantize_add(self.base_layer, self.info, delta, self.name)
-            self._specs.clear()  # the dequantizer closes over the old weight object
             return
         w = self.base_layer.weight
         w.add_((delta.t() if self.info.conv1d else delta).to(w.dtype))

@@ -145,3 +145,62 @@ def requantize_add(module: nn.Module, info: BaseInfo, delta: torch.Tensor, name:
         quant_storage=old.quant_storage if hasattr(old, "quant_storage") else torch.uint8,
         module=module,
     ).to(device)
+
+
+def quantized_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kind: str,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = True,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A frozen bitsandbytes layer holding ``weight`` quantized (for benchmarks, tests and tiny models).
+
+    Args:
+        weight: (o, i) float weight.
+        bias: (o,) or None.
+        kind: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+        compute_dtype: 4-bit compute dtype (and the bias dtype).
+        double_quant: 4-bit only: quantize the block scales too (``compress_statistics``).
+        device: target device; quantization happens on the move there.
+
+    Returns:
+        A ``Linear4bit`` or ``Linear8bitLt`` with the CPU repack guard applied.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    import bitsandbytes as bnb
+
+    o, i = weight.shape
+    has_bias = bias is not None
+    if kind in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(
+            i,
+            o,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=kind,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.detach().float().cpu(),
+            requires_grad=False,
+            quant_type=kind,
+            compress_statistics=double_quant,
+            module=layer,
+        )
+    elif kind == "int8":
+        layer = bnb.nn.Linear8bitLt(i, o, bias=has_bias, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(
+            weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False
+        )
+    else:
+        raise ValueError(f"quantized_linear: kind must be 'nf4', 'fp4' or 'int8', got {kind!r}")
+    if has_bias:
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+    layer = layer.to(device)
+    guard_cpu_repack(layer)
+    return layer

@@ -555,7 +555,12 @@ def _tiny_config(architecture: str, task: str, dims: dict | None = None) -> Pret
     from transformers import GPT2Config, LlamaConfig, OPTConfig, RobertaConfig
 
     d = dims or _TINY
-    ids = {"vocab_size": d.get("vocab", BYTE_VOCAB_SIZE), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids = {
+        "vocab_size": d.get("vocab", BYTE_VOCAB_SIZE),
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     if architecture == "llama":
         return LlamaConfig(
             hidden_size=d["hidden"],

@@ -94,7 +94,7 @@ def check_against_reference(layer, x, requires, tol, dropout_seed=None):
         torch.manual_seed(dropout_seed)  # the layer draws the same seed
     y = layer(x)
     y_ref, x64, a64, b64 = reference(layer, x, keep, scale)
-    assert y.shape == y_ref.shape and y.dtype == layer._dtypes("cpu")[0]
+    assert y.shape == y_ref.shape and y.dtype == layer._compute_dtypes("cpu", layer.lora_A.weight.dtype)[0]
     assert rel_err(y, y_ref) <= tol, f"output rel err {rel_err(y, y_ref)}"
     dy = torch.randn(y.shape, dtype=torch.float64)
     if rx or ra or rb:

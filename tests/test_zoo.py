@@ -424,7 +424,12 @@ def test_smollm2_fetch_convert_cache_and_generate(fresh_models):
 def test_llama_135m_shapes_matches_smollm2_sizes():
     model, tokenizer = zoo.load_model("llama-135m-shapes")
     cfg = model.config
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (576, 1536, 30, 49152)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (
+        576,
+        1536,
+        30,
+        49152,
+    )
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's count, tied embeddings
     ids = tokenizer("to be", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], 49152)
