@@ -230,11 +230,13 @@ def _make_base(spec: LayerSpec, seed: int = 0) -> nn.Module:
 def _peft_module(base: nn.Module, spec: LayerSpec) -> nn.Module:
     import peft
 
+    from .inject import get_peft_model
+
     holder = nn.Sequential(copy.deepcopy(base) if not spec.quant else base)
     cfg = peft.LoraConfig(
         r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=spec.dropout, target_modules=["0"]
     )
-    model = peft.get_peft_model(holder, cfg, autocast_adapter_dtype=spec.adapter_dtype is not None)
+    model = get_peft_model(holder, cfg, autocast_adapter_dtype=spec.adapter_dtype is not None)
     layer = model.base_model.model[0]
     for mod in (layer.lora_A["default"], layer.lora_B["default"]):
         mod.to(spec.torch_adapter_dtype)
@@ -590,7 +592,7 @@ def adapter_variants(
     reaches every layer, the floor of any LoRA step), with PEFT LoRA, and with RunLoRA — same init seed."""
     import peft
 
-    from .inject import apply_runlora
+    from .inject import apply_runlora, get_peft_model
 
     out: dict[str, nn.Module] = {}
     for name in backends:
@@ -602,7 +604,7 @@ def adapter_variants(
         elif name == "peft":
             torch.manual_seed(0)
             cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-            m = peft.get_peft_model(m, cfg).train()
+            m = get_peft_model(m, cfg).train()
         else:
             torch.manual_seed(0)
             m = apply_runlora(

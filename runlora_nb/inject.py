@@ -27,6 +27,7 @@ __all__ = [
     "apply_runlora",
     "find_targets",
     "from_peft",
+    "get_peft_model",
     "merge_and_unload",
     "runlora_layers",
     "trainable_parameters",
@@ -286,6 +287,15 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def get_peft_model(model: nn.Module, config, **kwargs) -> nn.Module:
+    """``peft.get_peft_model`` without transformers' FutureWarning about ``is_gradient_checkpointing``."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config, **kwargs)
+
+
 def runlora_layers(model: nn.Module) -> Iterator[tuple[str, ChainDispatch]]:
     """(path, layer) for every RunLoRA layer: :class:`RunLoRALinear` and PEFT layers converted by from_peft."""
     for name, mod in model.named_modules():
@@ -371,9 +381,9 @@ _CONVERTED: dict[type, type] = {}
 
 
 def _converted_class(cls: type) -> type:
-    """A module-level subclass ``RunLoRA<PeftClass>`` (registered here so pickling by name works)."""
+    """A module-level subclass ``RunLoRAPeft<PeftClass>`` (registered here so pickling by name works)."""
     if cls not in _CONVERTED:
-        new = type(f"RunLoRA{cls.__name__}", (_PeftDispatch, cls), {"__module__": __name__})
+        new = type(f"RunLoRAPeft{cls.__name__}", (_PeftDispatch, cls), {"__module__": __name__})
         globals()[new.__name__] = new
         _CONVERTED[cls] = new
     return _CONVERTED[cls]

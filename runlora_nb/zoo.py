@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "models_root",
     "pypi_download",
+    "quantization_support",
     "quiet_transformers",
     "resolve_dtype",
     "resolve_progress",
@@ -637,6 +638,24 @@ def _require_quantization(quantization: str) -> None:
         ) from exc
 
 
+def quantization_support() -> dict[str, str | None]:
+    """Which quantized bases this machine can load, for pickers that disable what cannot run.
+
+    Returns:
+        ``{"nf4": None | reason, "fp4": …, "int8": …}``: None where :func:`load_model` accepts the
+        quantization here, else the reason it would refuse (the message of its check).
+    """
+    support: dict[str, str | None] = {}
+    for quantization in QUANTIZATIONS:
+        try:
+            _require_quantization(quantization)
+        except (RuntimeError, ValueError) as exc:
+            support[quantization] = str(exc)
+        else:
+            support[quantization] = None
+    return support
+
+
 def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
     """transformers ``BitsAndBytesConfig`` for ``nf4``/``fp4`` (4-bit, double quant) or ``int8``.
 
@@ -713,7 +732,9 @@ def _quantize_tiny(
     with tempfile.TemporaryDirectory(prefix="runlora_nb_tiny_") as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
-        return _load_folder(tmp, task, dtype, quantization, num_labels)
+        quantized = _load_folder(tmp, task, dtype, quantization, num_labels)
+    quantized.config._name_or_path = ""  # like a model built in memory: no (deleted) folder to point at
+    return quantized
 
 
 def _guard_cpu_repack(model: PreTrainedModel) -> None:
