@@ -23,6 +23,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .dropout import apply_bits
+
 __all__ = [
     "BACKWARD",
     "FORWARD",
@@ -86,7 +88,8 @@ class Operands:
         b: (o, r) ``lora_B.weight`` in the adapter dtype.
         s: scaling, already multiplied by the dropout keep scale.
         bias: (o,) frozen bias in the base compute dtype, or None.
-        keep: (N, i) boolean dropout keep mask, or None without dropout.
+        bits: (N, i) dropout keep mask as integers of the adapter dtype's width (-1 keep, 0 drop; see
+            :func:`runlora_nb.dropout.mask_bits`), or None without dropout.
     """
 
     x: torch.Tensor | None
@@ -95,7 +98,7 @@ class Operands:
     b: torch.Tensor
     s: float
     bias: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
 
     @functools.cached_property
     def wt(self) -> torch.Tensor:
@@ -105,8 +108,10 @@ class Operands:
     @functools.cached_property
     def xd(self) -> torch.Tensor:
         """(N, i) adapter input D(X) in the adapter dtype (mask applied, scale folded into ``s``)."""
-        x = self.x if self.keep is None else self.x * self.keep
-        return x.to(self.a.dtype)
+        x = self.x.to(self.a.dtype)
+        if self.bits is None:
+            return x
+        return apply_bits(x, self.bits, inplace=x is not self.x)
 
     def merged_weight(self) -> torch.Tensor:
         """(o, i) Wᵀ + s·(AB)ᵀ in the base dtype: an i×o temporary, never kept."""
@@ -135,16 +140,6 @@ def _add_adapter(y: torch.Tensor, xa: torch.Tensor, op: Operands) -> torch.Tenso
 def _t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
     """(N, r) T = s·dY·Bᵀ in the adapter dtype (s folded here once, for dA and dX alike)."""
     return (dy_a @ op.b).mul_(op.s)
-
-
-def _dx_adapter(dx: torch.Tensor, t: torch.Tensor, op: Operands) -> torch.Tensor:
-    """dx += D'(T·Aᵀ): the adapter part of dX, masked like the forward input was."""
-    if op.keep is None and dx.dtype == t.dtype:
-        return dx.addmm_(t, op.a)
-    ta = t @ op.a  # (N, i)
-    if op.keep is not None:
-        ta.mul_(op.keep)
-    return dx.add_(ta.to(dx.dtype))
 
 
 def _g_t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
@@ -184,8 +179,16 @@ def _fwd2_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
 
 
 def _dx_plain(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """dX = dY·Wᵀ + s·T·Aᵀ."""
-    return _dx_adapter(dy @ op.wt, t, op)
+    """dX = dY·Wᵀ + s·T·Aᵀ, the adapter term masked like the forward input was (T already holds s)."""
+    if op.bits is None:
+        dx = dy @ op.wt  # (N, i)
+        if dx.dtype == t.dtype:
+            return dx.addmm_(t, op.a)
+        return dx.add_((t @ op.a).to(dx.dtype))
+    ta = apply_bits(t @ op.a, op.bits, inplace=True)  # (N, i) masked adapter term
+    if ta.dtype == dy.dtype:
+        return ta.addmm_(dy, op.wt)  # the base product accumulates into it: one pass fewer
+    return (dy @ op.wt).add_(ta.to(dy.dtype))
 
 
 def _dx_merged(op: Operands, dy: torch.Tensor) -> torch.Tensor:

@@ -54,9 +54,9 @@ def _weight_source(spec: CallSpec, weight: torch.Tensor | None) -> torch.Tensor 
 
 
 def _operands(spec, x2, weight, a, b, bias, mask: DropoutMask | None, n_tokens: int) -> Operands:
-    keep, s = None, spec.scaling
+    bits, s = None, spec.scaling
     if mask is not None:
-        keep = mask.keep((n_tokens, a.shape[1]), a.device)
+        bits = mask.bits((n_tokens, a.shape[1]), spec.adapter_dtype, a.device)
         s = s * mask.keep_scale
     return Operands(
         x=x2,
@@ -65,7 +65,7 @@ def _operands(spec, x2, weight, a, b, bias, mask: DropoutMask | None, n_tokens: 
         b=b.to(spec.adapter_dtype),
         s=s,
         bias=None if bias is None else bias.to(spec.base_dtype),
-        keep=keep,
+        bits=bits,
     )
 
 

@@ -52,6 +52,7 @@ class GemmCounter(TorchDispatchMode):
 
 
 def _operands(keep=None, dtype=torch.float64):
+    bits = None if keep is None else keep.to(torch.int64).neg()  # -1 keep, 0 drop (float64 width)
     g = torch.Generator().manual_seed(1)
     return Operands(
         x=torch.randn(N, I, generator=g, dtype=dtype),
@@ -59,7 +60,7 @@ def _operands(keep=None, dtype=torch.float64):
         a=torch.randn(R, I, generator=g, dtype=dtype),
         b=torch.randn(O, R, generator=g, dtype=dtype),
         s=0.5,
-        keep=keep,
+        bits=bits,
     )
 
 
