@@ -31,8 +31,10 @@ def test_core_never_imports_ui_packages_or_the_widgets():
 
 
 def test_importing_the_core_loads_no_ui_package():
-    code = "import sys, runlora_nb, runlora_nb.bench, runlora_nb.train, runlora_nb.report; " \
-           "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (UI,)  # fmt: skip
+    code = (
+        "import sys, runlora_nb, runlora_nb.bench, runlora_nb.train, runlora_nb.report; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {UI!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
