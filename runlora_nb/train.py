@@ -462,7 +462,9 @@ class FineTuner:
         lcfg = peft.LoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
         )
-        return peft.get_peft_model(model, lcfg)
+        from .inject import get_peft_model
+
+        return get_peft_model(model, lcfg)
 
     # -------------------------------------------------------------------------------------------- loop
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:

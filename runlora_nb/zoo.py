@@ -734,6 +734,7 @@ def _quantize_tiny(
             model.save_pretrained(tmp, safe_serialization=True)
         quantized = _load_folder(tmp, task, dtype, quantization, num_labels)
     quantized.config._name_or_path = ""  # like a model built in memory: no (deleted) folder to point at
+    quantized.name_or_path = ""
     return quantized
 
 
