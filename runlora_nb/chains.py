@@ -64,12 +64,17 @@ ALL = Needs()
 
 
 class Gemm(NamedTuple):
-    """One matrix product (m, k) @ (k, n); ``accumulate`` marks an addmm into an existing (m, n) output."""
+    """One matrix product (m, k) @ (k, n).
+
+    ``accumulate`` marks an addmm into an existing (m, n) output; ``trans_a`` marks a first operand that is a
+    transposed view (e.g. dYᵀ), which skinny kernels read at a different speed.
+    """
 
     m: int
     k: int
     n: int
     accumulate: bool = False
+    trans_a: bool = False
 
     @property
     def flops(self) -> int:
@@ -259,23 +264,23 @@ def _t_gemm(N, i, o, r) -> Gemm:
 
 def _bwd1_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
-    g += [Gemm(r, N, i)] if needs.da else []
-    g += [Gemm(N, i, r), Gemm(o, N, r)] if needs.db else []
+    g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(o, N, r, trans_a=True)] if needs.db else []
     g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
     return g
 
 
 def _bwd2_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
-    g += [Gemm(r, N, i)] if needs.da else []
-    g += [Gemm(o, N, i), Gemm(o, i, r)] if needs.db else []
+    g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
+    g += [Gemm(o, N, i, trans_a=True), Gemm(o, i, r)] if needs.db else []
     g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
     return g
 
 
 def _g_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
-    g = [Gemm(o, N, i)] if needs.adapter else []
-    g += [Gemm(r, o, i)] if needs.da else []
+    g = [Gemm(o, N, i, trans_a=True)] if needs.adapter else []
+    g += [Gemm(r, o, i, trans_a=True)] if needs.da else []
     g += [Gemm(o, i, r)] if needs.db else []
     return g
 
@@ -294,8 +299,8 @@ def _bwd4_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
 
 
 def _bwd5_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
-    g = [_t_gemm(N, i, o, r), Gemm(r, N, i)] if needs.da else []
-    g += [Gemm(N, i, r), Gemm(o, N, r)] if needs.db else []
+    g = [_t_gemm(N, i, o, r), Gemm(r, N, i, trans_a=True)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(o, N, r, trans_a=True)] if needs.db else []
     return g + (_merged_dx_gemms(N, i, o, r) if needs.dx else [])
 
 

@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="which chain pair each planner mode picks for a shape, and why")
     _add_layer_args(plan)
     plan.add_argument("--needs", default="dX,dA,dB", help="gradients needed (default dX,dA,dB)")
+    plan.add_argument("--recalibrate", action="store_true", help="measure this machine's cost model again")
 
     sub.add_parser("models", help="list the offline model zoo")
     fetch = sub.add_parser("fetch", help="download/convert a zoo model into the cache (for offline use)")
@@ -262,6 +263,12 @@ def _plan(args: argparse.Namespace) -> int:
     from .chains import Needs
     from .planner import plan_chains
 
+    if args.recalibrate:
+        from .costmodel import recalibrate
+        from .planner import clear_cache
+
+        recalibrate()
+        clear_cache(disk=True)
     wanted = {s.strip().lower() for s in args.needs.split(",") if s.strip()}
     needs = Needs("dx" in wanted, "da" in wanted, "db" in wanted)
     dtype = getattr(torch, dtype_name(args.dtype))

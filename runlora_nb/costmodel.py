@@ -1,15 +1,22 @@
-"""A small machine cost model for chain pairs: roofline GEMMs plus the per-element work around them.
+"""A small machine cost model for chain pairs, calibrated on this machine in a fraction of a second.
 
-For each (device, base dtype, adapter dtype) a :class:`CostModel` predicts seconds as
+Each chain is a list of GEMMs (:mod:`runlora_nb.chains`). A :class:`CostModel` predicts their seconds as
 
-    GEMM (m, k, n):   flops / rate(dtype)  +  bytes(mk + kn + mn [+ mn read when accumulating]) / bandwidth
-                      + a fixed per-call overhead
-    dropout:          mask generation and the masked copies, per element of N×i, in forward and backward
-    quantized base:   one dequantization of the i×o weight per forward, one more per backward that needs dX
-    mixed dtypes:     casts of X and dY to the adapter dtype
+    large GEMM (no side equal to r):   flops / rate(dtype) + per-call overhead
+    skinny GEMM (one side is r):       bytes touched / bandwidth(class) + per-call overhead
 
-The rates are measured once per process and device/dtype in a fraction of a second (:func:`calibrate`) and
-cached as JSON next to the plan cache, keyed by torch version, device and thread count.
+Rank-8..64 products are bandwidth bound, and how fast a kernel streams its big operand depends on its shape
+class, so four classes are calibrated separately (times per byte measured on N=2048, 1024-wide operands):
+
+    ``"n"``       (N, i) @ (i, r)          e.g. XA, T = dY·Bᵀ
+    ``"n_t"``     (N, o)ᵀ @ (N, r)         e.g. dB = dYᵀ·XA (first operand a transposed view)
+    ``"m"``       (N, r)ᵀ @ (N, i)         e.g. dA = Tᵀ·X
+    ``"k"``       (N, r) @ (r, i) + C      e.g. the rank-r update of dX, W + sAB
+
+On top come the work every pair shares — dropout mask generation and masking, dtype casts, the dequantization
+of a quantized base — and a fixed per-call cost of the Python/autograd path. Models are cached in memory and as
+JSON next to the plan cache, keyed by torch version, device and thread count. Calibration keeps the fastest of
+a few repetitions, the least disturbed by other work on a shared machine.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -27,9 +33,11 @@ import torch
 from .chains import BACKWARD, FORWARD, Gemm, Needs
 from .paths import atomic_write_text, cache_dir
 
-__all__ = ["CostModel", "calibrate", "get_model"]
+__all__ = ["SKINNY_CLASSES", "CostModel", "calibrate", "dequant_per_element", "get_model", "recalibrate"]
 
 _FILE = "calibration.json"
+_VERSION = 2  # bump when the calibration's fields change
+SKINNY_CLASSES = ("n", "n_t", "m", "k")
 _lock = threading.Lock()
 _models: dict[tuple[str, str, str], CostModel] = {}
 
@@ -42,10 +50,12 @@ class CostModel:
         device: ``"cpu"`` or ``"cuda"``.
         base_dtype: dtype name of the base products.
         adapter_dtype: dtype name of the adapter products.
-        base_flops: sustained GEMM rate in the base dtype, FLOP/s.
-        adapter_flops: sustained GEMM rate in the adapter dtype, FLOP/s.
-        bandwidth: effective memory bandwidth of a skinny GEMM / elementwise pass, bytes/s.
-        overhead: fixed seconds per kernel call.
+        base_flops: large-GEMM rate in the base dtype, FLOP/s.
+        adapter_flops: large-GEMM rate in the adapter dtype, FLOP/s.
+        skinny_bw: bytes/s of skinny GEMMs in the adapter dtype, per class (see :data:`SKINNY_CLASSES`).
+        elementwise_bw: bytes/s of an elementwise pass (copy).
+        overhead: seconds per kernel call.
+        call_overhead: fixed seconds of one forward + backward call of the layer besides its kernels.
         mask_per_element: seconds per element to generate a dropout mask.
     """
 
@@ -54,71 +64,79 @@ class CostModel:
     adapter_dtype: str
     base_flops: float
     adapter_flops: float
-    bandwidth: float
+    skinny_bw: dict[str, float]
+    elementwise_bw: float
     overhead: float
+    call_overhead: float
     mask_per_element: float
 
     def describe(self) -> str:
         return (
-            f"{self.device} {self.base_dtype}: {self.base_flops / 1e9:.0f} GFLOP/s, "
-            f"{self.bandwidth / 1e9:.0f} GB/s"
+            f"{self.device} {self.base_dtype}: {self.base_flops / 1e9:.0f} GFLOP/s, skinny "
+            f"{min(self.skinny_bw.values()) / 1e9:.0f}–{max(self.skinny_bw.values()) / 1e9:.0f} GB/s"
         )
 
     def _itemsize(self, name: str) -> int:
         return getattr(torch, name).itemsize
 
-    def gemm_seconds(self, g: Gemm, dtype: str, rate: float) -> float:
-        """Predicted seconds of one GEMM."""
+    def gemm_seconds(self, g: Gemm, r: int, base: bool) -> float:
+        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: runs in the base dtype)."""
+        cls = skinny_class(g, r)
+        if cls is None:
+            rate = self.base_flops if base else self.adapter_flops
+            return g.flops / rate + self.overhead
         elems = g.m * g.k + g.k * g.n + g.m * g.n * (2 if g.accumulate else 1)
-        return g.flops / rate + elems * self._itemsize(dtype) / self.bandwidth + self.overhead
+        return elems * self._itemsize(self.adapter_dtype) / self.skinny_bw[cls] + self.overhead
 
     def chain_seconds(self, chain_id: str, n: int, i: int, o: int, r: int, needs: Needs) -> float:
-        """Predicted seconds of one chain's GEMMs. Products touching the full (i, o) or N×o/N×i sizes
-        with the base weight run in the base dtype; all others in the adapter dtype."""
+        """Predicted seconds of one chain's GEMMs. Large products with the base weight (X·W, dY·Wᵀ) run in
+        the base dtype; G = XᵀdY and the skinny products in the adapter dtype."""
         chain = FORWARD.get(chain_id) or BACKWARD[chain_id]
-        total = 0.0
-        for g in chain.gemms(n, i, o, r, needs):
-            base = r not in (g.m, g.k, g.n) and not (chain.kind == "bwd" and _is_g(g, n, i, o))
-            dtype, rate = (
-                (self.base_dtype, self.base_flops) if base else (self.adapter_dtype, self.adapter_flops)
-            )
-            total += self.gemm_seconds(g, dtype, rate)
-        return total
+        return sum(self.gemm_seconds(g, r, base=not g.trans_a) for g in chain.gemms(n, i, o, r, needs))
 
     def pair_seconds(
         self, fwd: str, bwd: str, n: int, i: int, o: int, r: int, needs: Needs, dropout: bool, quant: str
     ) -> float:
         """Predicted seconds of forward + backward, including the work every pair shares."""
         needs = Needs(*needs)
-        t = self.chain_seconds(fwd, n, i, o, r, needs)
+        t = self.call_overhead + self.chain_seconds(fwd, n, i, o, r, needs)
         if needs.any:
             t += self.chain_seconds(bwd, n, i, o, r, needs)
-        passes = 0  # elementwise passes over N×i
+        passes = 0.0  # elementwise passes over N×i in the adapter dtype
         if dropout:
             regen = 2 if (needs.adapter or needs.dx) else 1
             t += regen * n * i * self.mask_per_element
-            passes += 2 + (1 if needs.dx else 0)
+            passes += 1 + (1 if needs.adapter else 0) + (1 if needs.dx else 0)
         if self.adapter_dtype != self.base_dtype:
             passes += 1 + (1 if needs.adapter else 0)
-        t += passes * n * i * self._itemsize(self.base_dtype) * 2 / self.bandwidth
+        t += passes * n * i * self._itemsize(self.adapter_dtype) * 2 / self.elementwise_bw
         if quant:
             t += (1 + (1 if needs.dx else 0)) * i * o * dequant_per_element(self.device, self.base_dtype)
         return t
 
 
-def _is_g(g: Gemm, n: int, i: int, o: int) -> bool:
-    """G = XᵀdY is (o, N, i): large, and in the adapter dtype."""
-    return (g.m, g.k, g.n) == (o, n, i)
+def skinny_class(g: Gemm, r: int) -> str | None:
+    """The calibration class of a GEMM of a rank-``r`` chain, or None for a large product."""
+    if g.n == r and g.m != r:
+        return "n_t" if g.trans_a else "n"
+    if g.m == r and g.n != r:
+        return "m"
+    if g.k == r:
+        return "k"
+    return None
 
 
-def _median_seconds(fn, reps: int) -> float:
+# -------------------------------------------------------------------------------------------------- calibration
+
+
+def _best_seconds(fn, reps: int) -> float:
     fn()
-    times = []
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _sync(device: str):
@@ -130,21 +148,52 @@ def _randn(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
 
 
-def _gemm_rate(device: str, dtype: torch.dtype) -> float:
-    size = 1024 if (device == "cuda" or dtype.itemsize == 2) else 768
-    a = _randn(size, size, device=device, dtype=dtype)
-    b = _randn(size, size, device=device, dtype=dtype)
+def _timed(device: str, fn, reps: int = 4) -> float:
     sync = _sync(device)
 
     def run():
-        a @ b
+        fn()
         sync()
 
-    return 2 * size**3 / _median_seconds(run, 3)
+    return _best_seconds(run, reps)
+
+
+def _gemm_rate(device: str, dtype: torch.dtype) -> float:
+    size = 1024 if (device == "cuda" or dtype.itemsize == 2) else 768
+    a, b = _randn(size, size, device=device, dtype=dtype), _randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / _timed(device, lambda: a @ b, 3)
+
+
+def _skinny_bandwidths(device: str, dtype: torch.dtype, overhead: float) -> dict[str, float]:
+    n, i, r = 2048, 1024, 16
+    x = _randn(n, i, device=device, dtype=dtype)
+    a = _randn(r, i, device=device, dtype=dtype)  # (r, i) like lora_A.weight
+    t = _randn(n, r, device=device, dtype=dtype)
+    out = torch.empty(n, i, device=device, dtype=dtype)
+    cases = {
+        "n": (lambda: x @ a.t(), Gemm(n, i, r)),
+        "n_t": (lambda: x.t() @ t, Gemm(i, n, r, trans_a=True)),
+        "m": (lambda: t.t() @ x, Gemm(r, n, i, trans_a=True)),
+        "k": (lambda: out.addmm_(t, a), Gemm(n, r, i, accumulate=True)),
+    }
+    bws = {}
+    for cls, (fn, g) in cases.items():
+        elems = g.m * g.k + g.k * g.n + g.m * g.n * (2 if g.accumulate else 1)
+        bws[cls] = elems * dtype.itemsize / max(_timed(device, fn) - overhead, 1e-7)
+    return bws
+
+
+def _call_overhead(device: str, base: torch.dtype, adapter: torch.dtype) -> float:
+    """Seconds of a forward + backward of a tiny layer: the Python / autograd path, not the kernels."""
+    from .timing import pair_step
+
+    with torch.random.fork_rng(devices=[]):
+        step = pair_step(("fwd1", "bwd1"), 8, 8, 8, 2, dtype=base, adapter_dtype=adapter, device=device)
+        return _timed(device, step, 20)
 
 
 def calibrate(device: str = "cpu", base_dtype: str = "float32", adapter_dtype: str = "float32") -> CostModel:
-    """Measure the rates of a :class:`CostModel` (about 0.1–0.5 s on a 2-core CPU).
+    """Measure the rates of a :class:`CostModel` (about 0.1–0.3 s on a 2-core CPU).
 
     Args:
         device: ``"cpu"`` or ``"cuda"``.
@@ -154,45 +203,29 @@ def calibrate(device: str = "cpu", base_dtype: str = "float32", adapter_dtype: s
     Returns:
         The fitted model (not cached; see :func:`get_model`).
     """
-    from .dropout import keep_mask
+    from .dropout import mask_bits
 
     bd, ad = getattr(torch, base_dtype), getattr(torch, adapter_dtype)
-    sync = _sync(device)
     base_rate = _gemm_rate(device, bd)
     adapter_rate = base_rate if ad == bd else _gemm_rate(device, ad)
-
-    # bandwidth from a skinny, memory-bound GEMM: (4096, 1024) @ (1024, 8)
-    x = _randn(4096, 1024, device=device, dtype=bd)
-    a = _randn(1024, 8, device=device, dtype=bd)
-
-    def skinny():
-        x @ a
-        sync()
-
-    t_skinny = _median_seconds(skinny, 5)
     tiny_a, tiny_b = _randn(8, 8, device=device, dtype=bd), _randn(8, 8, device=device, dtype=bd)
-
-    def tiny():
-        tiny_a @ tiny_b
-        sync()
-
-    overhead = _median_seconds(tiny, 20)
-    bandwidth = x.numel() * x.element_size() / max(t_skinny - overhead, 1e-7)
-
-    def mask():
-        keep_mask((512, 1024), 0.1, 1234, device)
-        sync()
-
-    mask_per_element = max(_median_seconds(mask, 5) - overhead, 0.0) / (512 * 1024)
+    overhead = _timed(device, lambda: tiny_a @ tiny_b, 20)
+    skinny = _skinny_bandwidths(device, ad, overhead)
+    big = _randn(2048, 1024, device=device, dtype=ad)
+    elementwise = 2 * big.numel() * big.element_size() / _timed(device, big.clone)
+    shape = (1024, 1024)
+    mask_s = _timed(device, lambda: mask_bits(shape, 0.1, 1234, ad, device))
     return CostModel(
         device,
         base_dtype,
         adapter_dtype,
         base_rate,
         adapter_rate,
-        bandwidth,
+        skinny,
+        elementwise,
         overhead,
-        mask_per_element,
+        _call_overhead(device, bd, ad),
+        mask_s / (shape[0] * shape[1]),
     )
 
 
@@ -211,18 +244,22 @@ def dequant_per_element(device: str, dtype: str) -> float:
 
         w = _randn(1024, 1024, device=device, dtype=torch.float32)
         packed, state = F.quantize_4bit(w, quant_type="nf4")
-
-        def run():
-            F.dequantize_4bit(packed, state).to(getattr(torch, dtype))
-            _sync(device)()
-
-        _dequant_costs[key] = _median_seconds(run, 3) / w.numel()
+        seconds = _timed(device, lambda: F.dequantize_4bit(packed, state).to(getattr(torch, dtype)), 3)
+        _dequant_costs[key] = seconds / w.numel()
     return _dequant_costs[key]
 
 
 def _cache_key(device: str, base_dtype: str, adapter_dtype: str) -> str:
     threads = torch.get_num_threads() if device == "cpu" else torch.cuda.get_device_name()
-    return f"{device}|{base_dtype}|{adapter_dtype}|{torch.__version__}|{threads}|{os.cpu_count()}"
+    return f"v{_VERSION}|{device}|{base_dtype}|{adapter_dtype}|{torch.__version__}|{threads}|{os.cpu_count()}"
+
+
+def _read_stored() -> dict:
+    try:
+        stored = json.loads((cache_dir() / _FILE).read_text())
+        return stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
@@ -234,12 +271,7 @@ def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
     with _lock:
         if mkey in _models:
             return _models[mkey]
-        path = cache_dir() / _FILE
-        try:
-            stored = json.loads(path.read_text())
-            stored = stored if isinstance(stored, dict) else {}
-        except (OSError, ValueError):
-            stored = {}
+        stored = _read_stored()
         key = _cache_key(*mkey)
         try:
             model = CostModel(**stored[key])
@@ -247,6 +279,13 @@ def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
             model = calibrate(*mkey)
             stored[key] = asdict(model)
             with contextlib.suppress(OSError):
-                atomic_write_text(path, json.dumps(stored, indent=1, sort_keys=True))
+                atomic_write_text(cache_dir() / _FILE, json.dumps(stored, indent=1, sort_keys=True))
         _models[mkey] = model
         return model
+
+
+def recalibrate() -> None:
+    """Forget every calibration (memory and disk); the next plan measures again."""
+    with _lock:
+        _models.clear()
+        (cache_dir() / _FILE).unlink(missing_ok=True)

@@ -35,20 +35,29 @@ def test_flops_match_paper_table(cid, shape):
 
 
 class GemmCounter(TorchDispatchMode):
-    """Counts 2·m·k·n for every mm / addmm / addmm_ that really runs (FlopCounterMode skips addmm_)."""
+    """Records every mm / addmm / addmm_ that really runs as (m, k, n, first operand transposed)."""
 
     def __init__(self):
         super().__init__()
-        self.flops = 0
+        self.gemms: list[tuple[int, int, int, bool]] = []
+
+    @property
+    def flops(self) -> int:
+        return sum(2 * m * k * n for m, k, n, _ in self.gemms)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in ("mm", "addmm", "addmm_"):
             a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            trans = not a.is_contiguous() and a.stride(0) == 1
+            self.gemms.append((a.shape[0], a.shape[1], b.shape[1], trans))
         elif name in ("bmm", "baddbmm", "matmul", "linear"):
             raise AssertionError(f"unexpected product op {name}")
         return func(*args, **(kwargs or {}))
+
+
+def _listed(chain, needs=ALL) -> list[tuple[int, int, int, bool]]:
+    return sorted((g.m, g.k, g.n, g.trans_a) for g in chain.gemms(N, I, O, R, needs))
 
 
 def _operands(keep=None, dtype=torch.float64):
@@ -69,6 +78,7 @@ def test_forward_gemm_list_matches_counted_flops(cid):
     with GemmCounter() as counter:
         FORWARD[cid].fn(_operands())
     assert counter.flops == FORWARD[cid].flops(N, I, O, R)
+    assert sorted(counter.gemms) == _listed(FORWARD[cid])
 
 
 @pytest.mark.parametrize("cid", list(BACKWARD))
@@ -78,6 +88,7 @@ def test_backward_gemm_list_matches_counted_flops(cid, needs):
     with GemmCounter() as counter:
         dx, da, db = BACKWARD[cid].fn(_operands(), dy, needs)
     assert counter.flops == BACKWARD[cid].flops(N, I, O, R, needs)
+    assert sorted(counter.gemms) == _listed(BACKWARD[cid], needs)
     assert (dx is not None, da is not None, db is not None) == tuple(needs)
 
 

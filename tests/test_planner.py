@@ -11,7 +11,7 @@ import torch
 
 from runlora_nb import costmodel, planner
 from runlora_nb.chains import BACKWARD, FORWARD, Needs, pair_flops, valid_pairs
-from runlora_nb.costmodel import get_model
+from runlora_nb.costmodel import SKINNY_CLASSES, get_model, recalibrate, skinny_class
 from runlora_nb.paths import cache_dir
 
 SHAPES = [(2048, 1024, 1024, 16), (4096, 768, 768, 8), (512, 4096, 4096, 8), (7, 5, 3, 2), (1, 64, 64, 64)]
@@ -98,12 +98,30 @@ def test_corrupt_cache_is_ignored_and_rewritten(fresh_cache):
 
 def test_cost_model_is_calibrated_and_cached(fresh_cache):
     model = get_model("cpu", "float32", "float32")
-    assert model.base_flops > 1e9 and model.bandwidth > 1e8 and model.overhead > 0
+    assert model.base_flops > 1e9 and model.overhead > 0 and model.call_overhead > model.overhead
+    assert set(model.skinny_bw) == set(SKINNY_CLASSES) and min(model.skinny_bw.values()) > 1e8
     assert "calibration.json" in {p.name for p in cache_dir().iterdir()}
     # predictions grow with the work
     small = model.pair_seconds("fwd1", "bwd1", 256, 256, 256, 8, Needs(), False, "")
     big = model.pair_seconds("fwd1", "bwd1", 2048, 1024, 1024, 8, Needs(), False, "")
     assert big > 10 * small
+
+
+def test_recalibrate_forgets_calibrations(fresh_cache):
+    get_model("cpu", "float32", "float32")
+    recalibrate()
+    assert not (cache_dir() / "calibration.json").exists()
+    assert get_model("cpu", "float32", "float32").base_flops > 0
+
+
+def test_skinny_classes_follow_the_gemm_shapes():
+    from runlora_nb.chains import Gemm
+
+    assert skinny_class(Gemm(4096, 1024, 16), 16) == "n"
+    assert skinny_class(Gemm(1024, 4096, 16, trans_a=True), 16) == "n_t"
+    assert skinny_class(Gemm(16, 4096, 1024, trans_a=True), 16) == "m"
+    assert skinny_class(Gemm(4096, 16, 1024, accumulate=True), 16) == "k"
+    assert skinny_class(Gemm(4096, 1024, 1024), 16) is None
 
 
 def test_bad_arguments():
