@@ -262,6 +262,26 @@ def _read_stored() -> dict:
         return {}
 
 
+def _calibrate_isolated(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
+    """:func:`calibrate` in a fresh thread: grad mode, inference mode, autocast and saved-tensor hooks are
+    per-thread, so the caller's state (say a ``no_grad`` generation or a SavedTensorRecorder) neither breaks the
+    measurement nor records its tensors."""
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["model"] = calibrate(device, base_dtype, adapter_dtype)
+        except BaseException as err:  # re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=work, name="runlora-calibrate")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["model"]  # type: ignore[return-value]
+
+
 def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
     """The cost model for this device and dtypes: from memory, else the JSON cache, else calibrated now."""
     mkey = (device, base_dtype, adapter_dtype)
@@ -276,7 +296,7 @@ def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
         try:
             model = CostModel(**stored[key])
         except (KeyError, TypeError):
-            model = calibrate(*mkey)
+            model = _calibrate_isolated(*mkey)
             stored[key] = asdict(model)
             with contextlib.suppress(OSError):
                 atomic_write_text(cache_dir() / _FILE, json.dumps(stored, indent=1, sort_keys=True))

@@ -50,6 +50,7 @@ __all__ = [
     "is_cached",
     "list_models",
     "load_model",
+    "model_names",
     "models_root",
     "pypi_download",
     "quantization_support",
@@ -866,6 +867,11 @@ def _load_hub(
 
 
 # --------------------------------------------------------------------------------------------- listing
+
+
+def model_names() -> list[str]:
+    """Names of the zoo models, cheaply (no model is built, transformers is not imported)."""
+    return list(_SPECS)
 
 
 def list_models() -> pd.DataFrame:

@@ -135,3 +135,14 @@ def test_plan_text_explains_itself():
     plan = planner.plan_chains(4096, 1024, 1024, 16, mode="flops")
     text = str(plan)
     assert plan.fwd in text and "GFLOP" in text and plan.reason in text
+
+
+def test_calibration_ignores_the_callers_autograd_state(fresh_cache):
+    """First plan in a process may calibrate: under no_grad (a generation) or inside a saved-tensor
+    recorder it must neither fail nor leave its own tensors in the caller's record."""
+    from runlora_nb.memory import SavedTensorRecorder
+
+    with torch.no_grad(), SavedTensorRecorder() as rec:
+        plan = planner.plan_chains(64, 32, 32, 4, mode="auto")
+    assert plan.predicted_s > 0
+    assert rec.records == []

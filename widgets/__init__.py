@@ -1,1 +1,40 @@
-"""JupyterLab panels for runlora_nb (installed as ``runlora_nb.widgets``)."""
+"""JupyterLab panels for runlora_nb (installed as ``runlora_nb.widgets``; the core never imports it).
+
+Each panel is a thin ipywidgets + plotly ``FigureWidget`` view over a controller that holds the state and calls
+the core; controllers import no widget, so scripts and tests drive them directly.
+
+* :class:`ModelPicker` / :class:`PickerController`: model, LoRA setting, parameter counts, memory estimate.
+* :class:`ChainRace` / :class:`RaceController`: race every chain pair, the planner, PEFT and the frozen floor.
+* :class:`LoRALab` / :class:`LabController`: FLOPs per pair, the winner over (N, r), saved tensors.
+* :class:`FineTunePanel` / :class:`FineTuneController`: train with live curves, Stop, PEFT overlay.
+* :func:`dashboard`: all four in tabs, sharing one picker.
+"""
+
+from .dashboard import Dashboard, dashboard
+from .finetune import FineTuneController, FineTuneSettings, RunTrace
+from .finetune_view import FineTunePanel
+from .lab import LabController, LabSettings
+from .lab_view import LoRALab
+from .picker import PickerChoice, PickerController, default_model
+from .picker_view import ModelPicker
+from .race import RaceController, RaceSettings
+from .race_view import ChainRace
+
+__all__ = [
+    "ChainRace",
+    "Dashboard",
+    "FineTuneController",
+    "FineTunePanel",
+    "FineTuneSettings",
+    "LabController",
+    "LabSettings",
+    "LoRALab",
+    "ModelPicker",
+    "PickerChoice",
+    "PickerController",
+    "RaceController",
+    "RaceSettings",
+    "RunTrace",
+    "dashboard",
+    "default_model",
+]
