@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .dropout import apply_bits
+from .dropout import DropoutMask
 
 __all__ = [
     "BACKWARD",
@@ -93,8 +93,7 @@ class Operands:
         b: (o, r) ``lora_B.weight`` in the adapter dtype.
         s: scaling, already multiplied by the dropout keep scale.
         bias: (o,) frozen bias in the base compute dtype, or None.
-        bits: (N, i) dropout keep mask as integers of the adapter dtype's width (-1 keep, 0 drop; see
-            :func:`runlora_nb.dropout.mask_bits`), or None without dropout.
+        mask: the dropout mask (seed and p; its bits are recomputed wherever they are needed), or None.
     """
 
     x: torch.Tensor | None
@@ -103,7 +102,7 @@ class Operands:
     b: torch.Tensor
     s: float
     bias: torch.Tensor | None = None
-    bits: torch.Tensor | None = None
+    mask: DropoutMask | None = None
 
     @functools.cached_property
     def wt(self) -> torch.Tensor:
@@ -114,9 +113,11 @@ class Operands:
     def xd(self) -> torch.Tensor:
         """(N, i) adapter input D(X) in the adapter dtype (mask applied, scale folded into ``s``)."""
         x = self.x.to(self.a.dtype)
-        if self.bits is None:
+        if self.mask is None:
             return x
-        return apply_bits(x, self.bits, inplace=x is not self.x)
+        if x is not self.x and x.is_contiguous():
+            return self.mask.apply_(x)  # a fresh cast: mask it where it is
+        return self.mask.apply(x)
 
     def merged_weight(self) -> torch.Tensor:
         """(o, i) Wᵀ + s·(AB)ᵀ in the base dtype: an i×o temporary, never kept."""
@@ -145,6 +146,13 @@ def _add_adapter(y: torch.Tensor, xa: torch.Tensor, op: Operands) -> torch.Tenso
 def _t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
     """(N, r) T = s·dY·Bᵀ in the adapter dtype (s folded here once, for dA and dX alike)."""
     return (dy_a @ op.b).mul_(op.s)
+
+
+def _db_from_xa(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
+    """(o, r) dB = s·dYᵀ·(XA) with XA recomputed, formed as (XAᵀ·dY)ᵀ: skinny kernels stream dY several times
+    faster when the small operand is the transposed one (measured: 0.65 vs 2.0 ms at N=4096, o=768, r=8)."""
+    xa = op.xd @ op.a.t()  # (N, r)
+    return (xa.t() @ dy_a).mul_(op.s).t()
 
 
 def _g_t(op: Operands, dy_a: torch.Tensor) -> torch.Tensor:
@@ -185,12 +193,12 @@ def _fwd2_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
 
 def _dx_plain(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """dX = dY·Wᵀ + s·T·Aᵀ, the adapter term masked like the forward input was (T already holds s)."""
-    if op.bits is None:
+    if op.mask is None:
         dx = dy @ op.wt  # (N, i)
         if dx.dtype == t.dtype:
             return dx.addmm_(t, op.a)
         return dx.add_((t @ op.a).to(dx.dtype))
-    ta = apply_bits(t @ op.a, op.bits, inplace=True)  # (N, i) masked adapter term
+    ta = op.mask.apply_(t @ op.a)  # (N, i) masked adapter term
     if ta.dtype == dy.dtype:
         return ta.addmm_(dy, op.wt)  # the base product accumulates into it: one pass fewer
     return (dy @ op.wt).add_(ta.to(dy.dtype))
@@ -206,7 +214,7 @@ def bwd1(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
     dy_a = dy.to(op.a.dtype)
     t = _t(op, dy_a) if (needs.da or needs.dx) else None
     da = t.t() @ op.xd if needs.da else None
-    db = (dy_a.t() @ (op.xd @ op.a.t())).mul_(op.s) if needs.db else None
+    db = _db_from_xa(op, dy_a) if needs.db else None
     dx = _dx_plain(op, dy, t) if needs.dx else None
     return dx, da, db
 
@@ -250,7 +258,7 @@ def bwd5(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
     """dA = s·XᵀT, dB = s·(XA)ᵀdY with XA recomputed, dX = dY·(W + sAB)ᵀ."""
     dy_a = dy.to(op.a.dtype)
     da = _t(op, dy_a).t() @ op.xd if needs.da else None
-    db = (dy_a.t() @ (op.xd @ op.a.t())).mul_(op.s) if needs.db else None
+    db = _db_from_xa(op, dy_a) if needs.db else None
     dx = _dx_merged(op, dy) if needs.dx else None
     return dx, da, db
 
@@ -265,7 +273,7 @@ def _t_gemm(N, i, o, r) -> Gemm:
 def _bwd1_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
     g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
-    g += [Gemm(N, i, r), Gemm(o, N, r, trans_a=True)] if needs.db else []
+    g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
     g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
     return g
 
@@ -300,7 +308,7 @@ def _bwd4_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
 
 def _bwd5_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g = [_t_gemm(N, i, o, r), Gemm(r, N, i, trans_a=True)] if needs.da else []
-    g += [Gemm(N, i, r), Gemm(o, N, r, trans_a=True)] if needs.db else []
+    g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
     return g + (_merged_dx_gemms(N, i, o, r) if needs.dx else [])
 
 

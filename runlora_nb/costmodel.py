@@ -6,12 +6,14 @@ Each chain is a list of GEMMs (:mod:`runlora_nb.chains`). A :class:`CostModel` p
     skinny GEMM (one side is r):       bytes touched / bandwidth(class) + per-call overhead
 
 Rank-8..64 products are bandwidth bound, and how fast a kernel streams its big operand depends on its shape
-class, so four classes are calibrated separately (times per byte measured on N=2048, 1024-wide operands):
+class, so three classes are calibrated separately (times per byte measured on N=2048, 1024-wide operands):
 
     ``"n"``       (N, i) @ (i, r)          e.g. XA, T = dY·Bᵀ
-    ``"n_t"``     (N, o)ᵀ @ (N, r)         e.g. dB = dYᵀ·XA (first operand a transposed view)
-    ``"m"``       (N, r)ᵀ @ (N, i)         e.g. dA = Tᵀ·X
+    ``"m"``       (N, r)ᵀ @ (N, i)         e.g. dA = Tᵀ·X, dBᵀ = (XA)ᵀ·dY
     ``"k"``       (N, r) @ (r, i) + C      e.g. the rank-r update of dX, W + sAB
+
+(The chains are written so that no skinny product streams a transposed big operand: that form, (N, o)ᵀ @
+(N, r), ran 2–4× slower than the "m" form here.)
 
 On top come the work every pair shares — dropout mask generation and masking, dtype casts, the dequantization
 of a quantized base — and a fixed per-call cost of the Python/autograd path. Models are cached in memory and as
@@ -36,8 +38,8 @@ from .paths import atomic_write_text, cache_dir
 __all__ = ["SKINNY_CLASSES", "CostModel", "calibrate", "dequant_per_element", "get_model", "recalibrate"]
 
 _FILE = "calibration.json"
-_VERSION = 2  # bump when the calibration's fields change
-SKINNY_CLASSES = ("n", "n_t", "m", "k")
+_VERSION = 4  # bump when the calibration's fields change
+SKINNY_CLASSES = ("n", "m", "k")
 _lock = threading.Lock()
 _models: dict[tuple[str, str, str], CostModel] = {}
 
@@ -56,7 +58,7 @@ class CostModel:
         elementwise_bw: bytes/s of an elementwise pass (copy).
         overhead: seconds per kernel call.
         call_overhead: fixed seconds of one forward + backward call of the layer besides its kernels.
-        mask_per_element: seconds per element to generate a dropout mask.
+        mask_per_element: seconds per element of one fused dropout pass (mask computed while streaming).
     """
 
     device: str
@@ -102,11 +104,10 @@ class CostModel:
         t = self.call_overhead + self.chain_seconds(fwd, n, i, o, r, needs)
         if needs.any:
             t += self.chain_seconds(bwd, n, i, o, r, needs)
+        if dropout:  # D(X) in forward; D(X) again for dA / dB, and the masked adapter part of dX, in backward
+            masked = 1 + (1 if needs.adapter else 0) + (1 if needs.dx else 0)
+            t += masked * n * i * self.mask_per_element
         passes = 0.0  # elementwise passes over N×i in the adapter dtype
-        if dropout:
-            regen = 2 if (needs.adapter or needs.dx) else 1
-            t += regen * n * i * self.mask_per_element
-            passes += 1 + (1 if needs.adapter else 0) + (1 if needs.dx else 0)
         if self.adapter_dtype != self.base_dtype:
             passes += 1 + (1 if needs.adapter else 0)
         t += passes * n * i * self._itemsize(self.adapter_dtype) * 2 / self.elementwise_bw
@@ -118,7 +119,7 @@ class CostModel:
 def skinny_class(g: Gemm, r: int) -> str | None:
     """The calibration class of a GEMM of a rank-``r`` chain, or None for a large product."""
     if g.n == r and g.m != r:
-        return "n_t" if g.trans_a else "n"
+        return "n"
     if g.m == r and g.n != r:
         return "m"
     if g.k == r:
@@ -172,7 +173,6 @@ def _skinny_bandwidths(device: str, dtype: torch.dtype, overhead: float) -> dict
     out = torch.empty(n, i, device=device, dtype=dtype)
     cases = {
         "n": (lambda: x @ a.t(), Gemm(n, i, r)),
-        "n_t": (lambda: x.t() @ t, Gemm(i, n, r, trans_a=True)),
         "m": (lambda: t.t() @ x, Gemm(r, n, i, trans_a=True)),
         "k": (lambda: out.addmm_(t, a), Gemm(n, r, i, accumulate=True)),
     }
@@ -203,7 +203,7 @@ def calibrate(device: str = "cpu", base_dtype: str = "float32", adapter_dtype: s
     Returns:
         The fitted model (not cached; see :func:`get_model`).
     """
-    from .dropout import mask_bits
+    from .dropout import DropoutMask
 
     bd, ad = getattr(torch, base_dtype), getattr(torch, adapter_dtype)
     base_rate = _gemm_rate(device, bd)
@@ -214,7 +214,8 @@ def calibrate(device: str = "cpu", base_dtype: str = "float32", adapter_dtype: s
     big = _randn(2048, 1024, device=device, dtype=ad)
     elementwise = 2 * big.numel() * big.element_size() / _timed(device, big.clone)
     shape = (1024, 1024)
-    mask_s = _timed(device, lambda: mask_bits(shape, 0.1, 1234, ad, device))
+    target = _randn(*shape, device=device, dtype=ad)
+    mask_s = _timed(device, lambda: DropoutMask(0.1, 1234).apply(target))
     return CostModel(
         device,
         base_dtype,

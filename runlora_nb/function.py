@@ -53,11 +53,8 @@ def _weight_source(spec: CallSpec, weight: torch.Tensor | None) -> torch.Tensor 
     return wt if wt.dtype == spec.base_dtype else wt.to(spec.base_dtype)
 
 
-def _operands(spec, x2, weight, a, b, bias, mask: DropoutMask | None, n_tokens: int) -> Operands:
-    bits, s = None, spec.scaling
-    if mask is not None:
-        bits = mask.bits((n_tokens, a.shape[1]), spec.adapter_dtype, a.device)
-        s = s * mask.keep_scale
+def _operands(spec, x2, weight, a, b, bias, mask: DropoutMask | None) -> Operands:
+    s = spec.scaling if mask is None else spec.scaling * mask.keep_scale
     return Operands(
         x=x2,
         weight=_weight_source(spec, weight),
@@ -65,7 +62,7 @@ def _operands(spec, x2, weight, a, b, bias, mask: DropoutMask | None, n_tokens: 
         b=b.to(spec.adapter_dtype),
         s=s,
         bias=None if bias is None else bias.to(spec.base_dtype),
-        bits=bits,
+        mask=mask,
     )
 
 
@@ -74,10 +71,9 @@ class _RunLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, a, b, weight, bias, spec: CallSpec):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features).to(spec.base_dtype)  # (N, i)
-        n_tokens = x2.shape[0]
         mask = DropoutMask(spec.dropout, draw_seed()) if spec.dropout > 0 else None
         with torch.autocast(x.device.type, enabled=False):
-            y = spec.fwd.fn(_operands(spec, x2, weight, a, b, bias, mask, n_tokens))  # (N, o)
+            y = spec.fwd.fn(_operands(spec, x2, weight, a, b, bias, mask))  # (N, o)
         needs = Needs(*ctx.needs_input_grad[:3])
         ctx.spec, ctx.mask, ctx.x_meta = spec, mask, (x.shape, x.dtype)
         ctx.bias_meta = None if bias is None else bias.dtype
@@ -94,7 +90,7 @@ class _RunLoRAFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(spec.base_dtype)  # (N, o)
         x2 = None if x is None else x.reshape(-1, x.shape[-1]).to(spec.base_dtype)  # (N, i)
         with torch.autocast(dy.device.type, enabled=False):
-            ops = _operands(spec, x2, weight, a, b, None, ctx.mask, dy2.shape[0])
+            ops = _operands(spec, x2, weight, a, b, None, ctx.mask)
             dx, da, db = spec.bwd.fn(ops, dy2, needs)
         dx = None if dx is None else dx.reshape(x_shape).to(x_dtype)
         da = None if da is None else da.to(a.dtype)

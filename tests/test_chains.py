@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from runlora_nb.chains import ALL, BACKWARD, FORWARD, Needs, Operands, pair_flops, valid_pairs
+from runlora_nb.dropout import DropoutMask
 
 N, I, O, R = 48, 40, 24, 4
 ALL_NEEDS = [Needs(*bits) for bits in itertools.product([False, True], repeat=3)]
@@ -60,8 +61,7 @@ def _listed(chain, needs=ALL) -> list[tuple[int, int, int, bool]]:
     return sorted((g.m, g.k, g.n, g.trans_a) for g in chain.gemms(N, I, O, R, needs))
 
 
-def _operands(keep=None, dtype=torch.float64):
-    bits = None if keep is None else keep.to(torch.int64).neg()  # -1 keep, 0 drop (float64 width)
+def _operands(mask=None, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
     return Operands(
         x=torch.randn(N, I, generator=g, dtype=dtype),
@@ -69,7 +69,7 @@ def _operands(keep=None, dtype=torch.float64):
         a=torch.randn(R, I, generator=g, dtype=dtype),
         b=torch.randn(O, R, generator=g, dtype=dtype),
         s=0.5,
-        bits=bits,
+        mask=mask,
     )
 
 
@@ -140,8 +140,10 @@ def test_chain_records_are_descriptive():
 
 
 def test_dropout_chains_use_the_mask_everywhere_on_the_adapter_path():
-    keep = torch.rand(N, I, generator=torch.Generator().manual_seed(3)) > 0.3
-    op_masked = _operands(keep)
+    mask = DropoutMask(0.3, 12345)
+    keep = mask.keep((N, I))
+    assert 0.6 < keep.float().mean() < 0.8
+    op_masked = _operands(mask)
     op_ref = _operands()
     op_ref.x = op_ref.x * keep  # the adapter sees D(X), the base sees X
     dy = torch.randn(N, O, dtype=torch.float64)
@@ -150,7 +152,7 @@ def test_dropout_chains_use_the_mask_everywhere_on_the_adapter_path():
     adapter = (op_ref.x @ op_ref.a.t()) @ op_ref.b.t() * op_ref.s
     torch.testing.assert_close(y, base + adapter)
     for cid in ("bwd1", "bwd2", "bwd3"):
-        dx, da, db = BACKWARD[cid].fn(_operands(keep), dy, ALL)
+        dx, da, db = BACKWARD[cid].fn(_operands(mask), dy, ALL)
         _, da_ref, db_ref = BACKWARD["bwd1"].fn(op_ref, dy, ALL)
         torch.testing.assert_close(da, da_ref)
         torch.testing.assert_close(db, db_ref)
