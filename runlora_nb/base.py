@@ -88,10 +88,8 @@ def describe_base(module: nn.Module, name: str = "base_layer") -> BaseInfo:
         dtype = module.compute_dtype or torch.float32
         return BaseInfo(qtype, module.in_features, module.out_features, dtype, module.weight.device)
     if lin8 is not None and isinstance(module, lin8):
-        dtype = module.bias.dtype if module.bias is not None else torch.float32
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return BaseInfo("int8", module.in_features, module.out_features, dtype, module.weight.device)
+        # int8 layers have no compute dtype: products follow the input's dtype (fp32 until one is seen)
+        return BaseInfo("int8", module.in_features, module.out_features, torch.float32, module.weight.device)
     if isinstance(module, nn.Linear):
         w = module.weight
         return BaseInfo("linear", module.in_features, module.out_features, w.dtype, w.device)

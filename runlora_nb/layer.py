@@ -82,15 +82,21 @@ class ChainDispatch:
         raise NotImplementedError
 
     def _compute_dtypes(
-        self, device_type: str, adapter_dtype: torch.dtype
+        self, device_type: str, adapter_dtype: torch.dtype, input_dtype: torch.dtype | None = None
     ) -> tuple[torch.dtype, torch.dtype]:
-        """(base, adapter) product dtypes: the autocast dtype for both under autocast, else the stored ones."""
+        """(base, adapter) product dtypes: the autocast dtype for both under autocast, else the stored ones.
+
+        A 4-bit base computes in its ``compute_dtype``; an int8 base has none and, like bitsandbytes' own int8
+        matmul, computes in the input's floating dtype.
+        """
         if torch.is_autocast_enabled(device_type):
             dt = torch.get_autocast_dtype(device_type)
             return dt, dt
         info = self.runlora_info
         base = info.dtype
-        if info.quantized:
+        if info.kind == "int8" and input_dtype is not None and input_dtype.is_floating_point:
+            base = input_dtype
+        elif info.quantized:
             base = getattr(self.base_layer, "compute_dtype", None) or base
         return base, adapter_dtype
 
@@ -138,7 +144,7 @@ class ChainDispatch:
         needs = Needs(grad and x.requires_grad, grad and a.requires_grad, grad and b.requires_grad)
         p = dropout if self.training else 0.0
         n = x.numel() // info.in_features
-        base_dtype, adapter_dtype = self._compute_dtypes(x.device.type, a.dtype)
+        base_dtype, adapter_dtype = self._compute_dtypes(x.device.type, a.dtype, x.dtype)
         key = (n, needs, base_dtype, adapter_dtype, x.device, p, scaling, a.shape[0])
         spec = self._runlora_specs.get(key)
         if spec is None:
