@@ -30,6 +30,7 @@ __all__ = [
     "DTYPES",
     "GRID",
     "LAYER_COLUMNS",
+    "SPEC_COLUMNS",
     "LayerSpec",
     "Measurement",
     "ModelRace",
@@ -169,6 +170,9 @@ class Measurement:
         return q[2] - q[0]
 
 
+# The columns that identify a layer setting in tidy tables (one group per LayerSpec).
+SPEC_COLUMNS = ("tokens", "in_features", "out_features", "rank", "dtype", "dropout", "quant")
+
 LAYER_COLUMNS = [
     "candidate",
     "kind",
@@ -184,13 +188,7 @@ LAYER_COLUMNS = [
     "flops",
     "predicted_s",
     "reps",
-    "tokens",
-    "in_features",
-    "out_features",
-    "rank",
-    "dtype",
-    "dropout",
-    "quant",
+    *SPEC_COLUMNS,
     "device",
 ]
 
@@ -492,7 +490,7 @@ def check_targets(df: pd.DataFrame) -> pd.DataFrame:
     ``ok_frozen`` (≤ 1.10 at p=0, ≤ 1.15 at p>0), ``ok_peft`` (not slower than PEFT by > 3%),
     ``ok_best`` (within 5% of the fastest pair), ``ok_saved`` (≤ 1.07 × bytes(X)).
     """
-    keys = ["tokens", "in_features", "out_features", "rank", "dtype", "dropout", "quant"]
+    keys = list(SPEC_COLUMNS)
     rows = []
     for spec_vals, g in df.groupby(keys, sort=False):
         plan = g[g.kind == "plan"].iloc[0]

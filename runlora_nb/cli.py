@@ -170,7 +170,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
 
 
 def _bench_grid(args: argparse.Namespace) -> int:
-    from .bench import check_targets, geomean, grid_specs, race_grid
+    from .bench import SPEC_COLUMNS, check_targets, geomean, grid_specs, race_grid
     from .bench import dtype_name as norm
 
     specs = grid_specs(
@@ -186,12 +186,7 @@ def _bench_grid(args: argparse.Namespace) -> int:
     df = race_grid(specs, reps=args.reps, warmup=args.warmup, progress=progress)
     summary = check_targets(df)
     cols = [
-        "tokens",
-        "in_features",
-        "out_features",
-        "rank",
-        "dtype",
-        "dropout",
+        *[c for c in SPEC_COLUMNS if c != "quant"],
         "plan",
         "plan_over_frozen",
         "plan_over_peft",
