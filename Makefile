@@ -56,7 +56,7 @@ lab: install
 	$(VENV)/bin/runlora-nb fetch smollm2-135m
 	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) \
 	  --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,) \
-	  00_dashboard.ipynb
+	  notebooks/00_dashboard.ipynb
 
 demo: install
 	$(VENV)/bin/runlora-nb demo --out artifacts
