@@ -307,7 +307,8 @@ def _step_fn(c: _Candidate, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], N
 
     def step() -> None:
         y = module(x)
-        y.backward(dy)
+        if y.requires_grad:  # the frozen floor with an input that needs no gradient has no backward
+            y.backward(dy)
         x.grad = None
         for p in params:
             p.grad = None
@@ -319,7 +320,8 @@ def _measure_memory(c: _Candidate, x: torch.Tensor, dy: torch.Tensor, device: st
     with SavedTensorRecorder(c.module) as rec:
         y = c.module(x)
     c.saved_bytes = rec.activation_bytes()
-    y.backward(dy)
+    if y.requires_grad:
+        y.backward(dy)
     del y
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -775,44 +777,62 @@ def compare_saved_tensors(
 def layer_saved_tensors(
     n: int, i: int, o: int, r: int, *, dropout: float = 0.0, x_requires_grad: bool = True, dtype: str = "fp32"
 ) -> pd.DataFrame:
-    """What one LoRA layer keeps for backward, PEFT vs runlora_nb, with each tensor named from its shape.
+    """What one LoRA layer keeps for backward, PEFT vs runlora_nb, each tensor named.
+
+    Tensors are named by identity where possible (the input X and the parameters W, A, B, by their storage),
+    and activations created inside the layer by where and what they are (what a dropout module keeps is its
+    mask; XA is (N, r); another (N, i) tensor is the dropped copy D(X), or a cast copy of X).
 
     Returns:
-        Columns backend, tensor (X, XA, dropped X, mask, W, A, B, …), shape, dtype, bytes, kind.
+        Columns backend, tensor (X, XA, dropped copy, mask, W, A, B, …), shape, dtype, bytes, kind.
     """
     spec = LayerSpec(n, i, o, r, dtype=dtype, dropout=dropout, x_requires_grad=x_requires_grad)
     base = _make_base(spec)
     modules = {"peft": _peft_module(base, spec), "runlora": _runlora(base, spec, "auto")}
     x = torch.randn(n, i, generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
     x.requires_grad_(x_requires_grad)
-    names = {
-        (n, i): "X",
-        (n, r): "XA = X·A",
-        (o, i): "W",
-        (r, i): "A",
-        (o, r): "B",
-        (i, o): "Wᵀ",
-        (i, r): "Aᵀ",
-        (r, o): "Bᵀ",
-    }
     frames = []
     with torch.random.fork_rng(devices=[]):
         for key, module in modules.items():
-            seen_x = False
             df = saved_tensors_report(module, x, label=key)
-            tensor = []
-            for shape, kind, dt in zip(df["shape"], df["kind"], df["dtype"]):
-                label = names.get(tuple(shape), "×".join(map(str, shape)))
-                if label == "X" and kind == "mask":
-                    label = "dropout mask"
-                elif label == "X" and kind == "activation":
-                    label = "dropped copy D(X)" if seen_x else "X"
-                    seen_x = True
-                tensor.append(label if dt == spec.dtype or kind != "activation" else f"{label} ({dt})")
-            df.insert(1, "tensor", tensor)
+            names = _tensor_names(module, x)
+            df.insert(1, "tensor", [_name(row, names, n, r, spec.dtype) for row in df.itertuples()])
             frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     return out[["backend", "tensor", "shape", "dtype", "bytes", "kind"]]
+
+
+def _tensor_names(module: nn.Module, x: torch.Tensor) -> dict[int, str]:
+    """storage pointer → "X" / "W" / "A" / "B" for the input and the layer's parameters."""
+    names = {x.untyped_storage().data_ptr(): "X"}
+    for pname, p in module.named_parameters():
+        last = pname.split(".")
+        label = (
+            "A" if "lora_A" in last else "B" if "lora_B" in last else "W" if last[-1] == "weight" else "bias"
+        )
+        names.setdefault(p.untyped_storage().data_ptr(), label)
+    return names
+
+
+def _name(row, names: dict[int, str], n: int, r: int, dtype: str) -> str:
+    label = names.get(row.storage)
+    if label is not None and label != "X" and row.kind == "parameter":
+        stored = {"W": 2, "A": 2, "B": 2}.get(label)
+        return label if stored is None or not _is_transposed_view(row.shape, label, r) else f"{label}ᵀ"
+    if label == "X":
+        return "X"
+    if row.kind == "mask" or "dropout" in row.module:  # PEFT's CPU dropout keeps its mask as a float tensor
+        return "dropout mask"
+    if tuple(row.shape) == (n, r):
+        return "XA = X·A"
+    if row.shape[0] == n:
+        return "dropped copy D(X)" if row.dtype == dtype else f"copy of X ({row.dtype})"
+    return "×".join(map(str, row.shape))
+
+
+def _is_transposed_view(shape: tuple[int, ...], label: str, r: int) -> bool:
+    """PEFT saves weights as .t() views: A as (i, r) instead of (r, i), B as (r, o) instead of (o, r)."""
+    return (label == "A" and shape[-1] == r) or (label == "B" and shape[0] == r)
 
 
 def estimate_memory(

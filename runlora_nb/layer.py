@@ -236,7 +236,7 @@ class RunLoRALinear(ChainDispatch, nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         if info.quantized:
-            quant.guard_cpu_repack(base_layer)
+            quant.guard_cpu_repack(base_layer, self.name)
         ad = adapter_dtype or default_adapter_dtype(info.dtype)
         kw = {"bias": False, "dtype": ad, "device": info.device}
         self.lora_A = nn.Linear(info.in_features, r, **kw)

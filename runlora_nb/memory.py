@@ -120,12 +120,10 @@ class SavedTensorRecorder:
         return sum(r.bytes for r in self.unique())
 
     def table(self) -> pd.DataFrame:
-        """Tidy DataFrame of distinct saved tensors: module, shape, dtype, bytes, kind."""
-        rows = [
-            {"module": r.module, "shape": r.shape, "dtype": r.dtype, "bytes": r.bytes, "kind": r.kind}
-            for r in self.unique(("activation", "mask", "parameter"))
-        ]
-        return pd.DataFrame(rows, columns=["module", "shape", "dtype", "bytes", "kind"])
+        """Tidy DataFrame of distinct saved tensors: module, shape, dtype, bytes, kind, storage."""
+        cols = ["module", "shape", "dtype", "bytes", "kind", "storage"]
+        rows = [{c: getattr(r, c) for c in cols} for r in self.unique(("activation", "mask", "parameter"))]
+        return pd.DataFrame(rows, columns=cols)
 
 
 def activation_bytes(fn, *args, model: nn.Module | None = None, **kwargs) -> int:

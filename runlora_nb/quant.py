@@ -30,11 +30,12 @@ def _bnb():
     return F
 
 
-def guard_cpu_repack(model: nn.Module) -> int:
+def guard_cpu_repack(model: nn.Module, prefix: str = "") -> int:
     """Disable bitsandbytes' in-place CPU repack on every ``Linear4bit`` in ``model``.
 
     Args:
         model: any module tree.
+        prefix: the tree's own path, for error messages (e.g. ``"model.layers.0.mlp.up_proj"``).
 
     Returns:
         How many ``Linear4bit`` layers were guarded.
@@ -45,7 +46,7 @@ def guard_cpu_repack(model: nn.Module) -> int:
     count = 0
     for name, module in model.named_modules():
         if hasattr(module, "support_avx512bf16_for_cpu") and hasattr(module.weight, "quant_state"):
-            _check_not_packed(module, name)
+            _check_not_packed(module, ".".join(p for p in (prefix, name) if p) or type(module).__name__)
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count

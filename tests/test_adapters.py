@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import rel_err
+from numerics import rel_err
 from safetensors.torch import load_file, save_file
 
 from runlora_nb.adapters import AdapterError, load_adapter, save_adapter

@@ -119,7 +119,11 @@ def test_xray_of_a_layer_names_what_each_side_keeps():
     peft = df[(df.backend == "peft") & (df.kind != "parameter")]
     ours = df[(df.backend == "runlora") & (df.kind != "parameter")]
     assert set(ours.tensor) == {"X"}
-    assert {"X", "dropped copy D(X)", "XA = X·A"} <= set(peft.tensor)
+    assert set(peft.tensor) == {
+        "dropout mask",
+        "dropped copy D(X)",
+        "XA = X·A",
+    }  # PEFT's CPU mask is a float tensor
     assert ours.bytes.sum() < peft.bytes.sum()
 
 

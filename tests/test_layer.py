@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import rel_err
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

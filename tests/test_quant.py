@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from numerics import rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -68,8 +68,10 @@ def test_saved_tensors_scale_to_the_real_recording(dropout, x_needs_grad):
     totals = ctl.saved_totals()
     assert totals["runlora"] == n * i * 4  # runlora_nb keeps X only
     assert totals["peft"] > totals["runlora"]
-    # PEFT keeps X for dW's dX path and a dropped copy D(X) for dA when there is dropout and X needs grad
-    assert ("dropped copy D(X)" in set(got["tensor"])) == bool(dropout and x_needs_grad)
+    # with dropout PEFT keeps the dropped copy D(X) for dA, and its dropout mask too when X needs a gradient
+    names = set(got["tensor"])
+    assert ("dropped copy D(X)" in names) == bool(dropout)
+    assert ("dropout mask" in names) == bool(dropout and x_needs_grad)
 
 
 def test_settings_are_validated():
@@ -106,10 +108,11 @@ def test_view_sliders_update_the_figure_and_texts():
     view.dropout.value = 0.2
     view._redraw.flush()
     assert len(view.figure.data[BARS].x) == len(list(valid_pairs(0.2)))
-    assert "dropped copy" not in view.peft_table.value  # X needs no grad: PEFT keeps one (dropped) X
+    assert "dropped copy D(X)" in view.peft_table.value  # for dA, whether or not X needs a gradient
+    assert "dropout mask" not in view.peft_table.value  # X needs no grad: no backward through the dropout
     view.x_needs_grad.value = True
     view._redraw.flush()
-    assert "dropped copy D(X)" in view.peft_table.value
+    assert "dropout mask" in view.peft_table.value
     assert view.errors.messages == []
     view.close()
 
