@@ -149,7 +149,7 @@ def _randn(*shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
 
 
-def _timed(device: str, fn, reps: int = 4) -> float:
+def _timed(device: str, fn, reps: int = 6) -> float:
     sync = _sync(device)
 
     def run():
@@ -162,7 +162,7 @@ def _timed(device: str, fn, reps: int = 4) -> float:
 def _gemm_rate(device: str, dtype: torch.dtype) -> float:
     size = 1024 if (device == "cuda" or dtype.itemsize == 2) else 768
     a, b = _randn(size, size, device=device, dtype=dtype), _randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / _timed(device, lambda: a @ b, 3)
+    return 2 * size**3 / _timed(device, lambda: a @ b, 5)
 
 
 def _skinny_bandwidths(device: str, dtype: torch.dtype, overhead: float) -> dict[str, float]:
@@ -189,7 +189,7 @@ def _call_overhead(device: str, base: torch.dtype, adapter: torch.dtype) -> floa
 
     with torch.random.fork_rng(devices=[]):
         step = pair_step(("fwd1", "bwd1"), 8, 8, 8, 2, dtype=base, adapter_dtype=adapter, device=device)
-        return _timed(device, step, 20)
+        return _timed(device, step, 40)
 
 
 def calibrate(device: str = "cpu", base_dtype: str = "float32", adapter_dtype: str = "float32") -> CostModel:

@@ -4,7 +4,8 @@ Starts JupyterLab on 127.0.0.1 (random free port, a token, a private config/sett
 copy of ``notebooks/`` whose ``parameters`` cell is overridden with ``FAST = True`` (papermill style), opens
 ``00_dashboard.ipynb``, runs all cells from the Run menu, and checks what is rendered on the page: every widget
 rendered (no "Loading widget"), no error output, a race bar for every candidate, loss points in the fine-tune
-chart, and that the Stop button (a real click) ends training within two steps. Saves ``docs/dashboard.png``.
+chart, and that the Stop button (a real click) ends training within two steps. Saves a screenshot to
+``artifacts/dashboard.png`` (``RUNLORA_NB_SCREENSHOT=docs/dashboard.png`` refreshes the README's).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-SCREENSHOT = ROOT / "docs" / "dashboard.png"
+SCREENSHOT = ROOT / os.environ.get("RUNLORA_NB_SCREENSHOT", "artifacts/dashboard.png")
 # the notebook's FAST race: a 256 x 128 -> 256 layer, no dropout: frozen, peft, runlora and every valid pair
 RACE_CANDIDATES = 3 + len(list(valid_pairs(0.0)))
 
@@ -283,7 +284,7 @@ def test_dashboard_in_jupyterlab(jupyterlab):
             # the picture for the README: the race tab
             page.locator(".lm-TabBar-tab", has_text="Chain race").click()
             page.wait_for_timeout(500)
-            SCREENSHOT.parent.mkdir(exist_ok=True)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.locator(".jp-OutputArea-output", has=page.locator(".runlora-race")).screenshot(
                 path=str(SCREENSHOT)
             )
