@@ -191,7 +191,8 @@ def _bench_grid(args: argparse.Namespace) -> int:
         "plan_over_frozen",
         "plan_over_peft",
         "best_pair",
-        "plan_over_best",
+        "pair_over_best",
+        "twin_spread",
         "saved_over_x",
         "peft_saved_over_x",
     ]

@@ -83,10 +83,15 @@ def test_grid_and_target_check():
     df = race_grid(specs, reps=1)
     summary = check_targets(df)
     assert len(summary) == 2
-    assert {"plan_over_frozen", "plan_over_peft", "plan_over_best", "ok_frozen", "ok_saved"} <= set(
-        summary.columns
-    )
-    assert summary.ok_saved.all()
+    assert {
+        "plan_over_frozen",
+        "plan_over_peft",
+        "pair_over_best",
+        "twin_spread",
+        "ok_frozen",
+        "ok_saved",
+    } <= set(summary.columns)
+    assert summary.ok_saved.all() and (summary.pair_over_best >= 1.0).all()
 
 
 def test_quantized_layer_race():
