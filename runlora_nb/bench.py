@@ -496,7 +496,7 @@ def check_targets(df: pd.DataFrame) -> pd.DataFrame:
     """
     keys = list(SPEC_COLUMNS)
     rows = []
-    for spec_vals, g in df.groupby(keys, sort=False):
+    for spec_vals, g in df.groupby(keys, sort=False, dropna=False):  # quant "" reads back from CSV as NaN
         plan = g[g.kind == "plan"].iloc[0]
         pairs = g[g.kind == "pair"]
         twin = pairs[(pairs.fwd == plan.fwd) & (pairs.bwd == plan.bwd)]

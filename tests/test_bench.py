@@ -5,6 +5,7 @@ No timing thresholds here: performance is measured by `runlora-nb bench`, not as
 
 from __future__ import annotations
 
+import io
 import math
 
 import pandas as pd
@@ -92,6 +93,10 @@ def test_grid_and_target_check():
         "ok_saved",
     } <= set(summary.columns)
     assert summary.ok_saved.all() and (summary.pair_over_best >= 1.0).all()
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)  # a grid saved with --csv and read back (quant "" becomes NaN) checks the same
+    buf.seek(0)
+    assert len(check_targets(pd.read_csv(buf))) == 2
 
 
 def test_quantized_layer_race():
