@@ -1,10 +1,26 @@
 """runlora_nb: LoRA layers that pick the cheapest chain of matrix products and keep only X for backward.
 
 The method is from "Run LoRA Run: Faster and Lighter LoRA Implementations" (arXiv 2312.03415).
+
+One-line adoption::
+
+    from runlora_nb import from_peft, apply_runlora, save_adapter
+    from_peft(peft_model)          # convert a PEFT LoRA model in place
+    apply_runlora(model, r=16)     # or inject RunLoRA layers into a transformers model
 """
 
+from .adapters import AdapterError, load_adapter, save_adapter
 from .chains import BACKWARD, FORWARD, Chain, Needs, valid_pairs
 from .function import CallSpec, lora_apply
+from .inject import (
+    RunLoRAConfig,
+    apply_runlora,
+    find_targets,
+    from_peft,
+    merge_and_unload,
+    runlora_layers,
+    trainable_parameters,
+)
 from .layer import RunLoRALinear
 from .planner import ChainPlan, plan_chains
 
@@ -12,13 +28,23 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKWARD",
     "FORWARD",
+    "AdapterError",
     "CallSpec",
     "Chain",
     "ChainPlan",
     "Needs",
+    "RunLoRAConfig",
     "RunLoRALinear",
     "__version__",
+    "apply_runlora",
+    "find_targets",
+    "from_peft",
+    "load_adapter",
     "lora_apply",
+    "merge_and_unload",
     "plan_chains",
+    "runlora_layers",
+    "save_adapter",
+    "trainable_parameters",
     "valid_pairs",
 ]
