@@ -94,7 +94,8 @@ def test_grid_and_target_check():
     } <= set(summary.columns)
     assert summary.ok_saved.all() and (summary.pair_over_best >= 1.0).all()
     buf = io.StringIO()
-    df.to_csv(buf, index=False)  # a grid saved with --csv and read back (quant "" becomes NaN) checks the same
+    # a grid saved with --csv and read back (quant "" becomes NaN) checks the same
+    df.to_csv(buf, index=False)
     buf.seek(0)
     assert len(check_targets(pd.read_csv(buf))) == 2
 
