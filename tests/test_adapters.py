@@ -7,8 +7,8 @@ import json
 import peft
 import pytest
 import torch
-from numerics import rel_err
 from safetensors.torch import load_file, save_file
+from testutil import rel_err
 
 from runlora_nb.adapters import AdapterError, load_adapter, save_adapter
 from runlora_nb.inject import apply_runlora, get_peft_model, runlora_layers

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import io
 import json
 import tarfile
 import threading
-import urllib.request
 
 import pytest
 import torch
+from testutil import pypi_reachable
 
 from runlora_nb import data
 from runlora_nb.tokenizers_offline import byte_tokenizer
-
-
-@functools.cache
-def pypi_reachable() -> bool:
-    try:
-        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import warnings
 import peft
 import pytest
 import torch
-from numerics import rel_err
+from testutil import rel_err
 from transformers.pytorch_utils import Conv1D
 
 from runlora_nb import RunLoRALinear

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numerics import rel_err
+from testutil import rel_err
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from numerics import rel_err
+from testutil import rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import peft
 import pytest
 import torch
-from numerics import rel_err
+from testutil import rel_err
 
 from runlora_nb.data import make_dataset
 from runlora_nb.inject import apply_runlora, runlora_layers

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from testutil import pypi_reachable
 from torch import nn
 
 from runlora_nb import zoo
@@ -19,15 +18,6 @@ from runlora_nb.tokenizers_offline import BYTE_VOCAB_SIZE, byte_tokenizer
 
 TINY = ("tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-roberta")
 SAMPLE = "Shall I compare thee to a summer's day? — naïve café, 日本語\n\ttabs & <xml>"
-
-
-@functools.cache
-def pypi_reachable() -> bool:
-    try:
-        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ._util import BackgroundTask, Panel, df_html, fmt_bytes
+from ._util import BackgroundTask, Panel, df_html, fmt_bytes, shape_sliders
 from .lab import ALL_PAIRS, PROXY, LabController, warm_up
-from .race_view import FEATURES, RANKS, TOKENS, _nearest
 
 __all__ = ["LoRALab"]
 
@@ -50,21 +49,13 @@ class LoRALab(Panel):
         self.add_class("runlora-lab")
         self.controller = controller or LabController()
         s = self.controller.settings
-        self.tokens = widgets.SelectionSlider(
-            options=TOKENS, value=_nearest(TOKENS, s.tokens), description="N tokens", **_STYLE
+        sliders = shape_sliders(s, _STYLE)
+        self.tokens, self.in_features, self.out_features = (
+            sliders["tokens"],
+            sliders["in_features"],
+            sliders["out_features"],
         )
-        self.in_features = widgets.SelectionSlider(
-            options=FEATURES, value=_nearest(FEATURES, s.in_features), description="i (in)", **_STYLE
-        )
-        self.out_features = widgets.SelectionSlider(
-            options=FEATURES, value=_nearest(FEATURES, s.out_features), description="o (out)", **_STYLE
-        )
-        self.rank = widgets.SelectionSlider(
-            options=RANKS, value=_nearest(RANKS, s.rank), description="r", **_STYLE
-        )
-        self.dropout = widgets.FloatSlider(
-            value=s.dropout, min=0.0, max=0.5, step=0.05, description="dropout", **_STYLE
-        )
+        self.rank, self.dropout = sliders["rank"], sliders["dropout"]
         self.x_needs_grad = widgets.Checkbox(value=s.x_needs_grad, description="X needs grad", indent=False)
         self.formula = widgets.HTML()
         self.figure = self._make_figure()

@@ -11,25 +11,20 @@ import plotly.graph_objects as go
 from IPython.display import HTML, FileLink
 from plotly.subplots import make_subplots
 
-from ._util import Panel, df_html, fmt_seconds
+from runlora_nb.report import COLORS
+
+from ._util import Panel, df_html, fmt_seconds, shape_sliders
 from .picker import DTYPE_CHOICES
 from .race import SOURCES, RaceController, devices
 
 __all__ = ["KIND_COLORS", "ChainRace"]
 
-KIND_COLORS = {"floor": "#9e9e9e", "peft": "#ef6c00", "plan": "#2e7d32", "pair": "#1e88e5"}
+KIND_COLORS = COLORS  # the HTML report's colours: floor / PEFT / plan / pair
 SAVED_COLOR, PEAK_COLOR = "#8e24aa", "#d81b60"
-TOKENS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-FEATURES = [32, 64, 128, 256, 384, 512, 576, 768, 1024, 1536, 2048, 3072, 4096, 8192]
-RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _STYLE = {"style": {"description_width": "70px"}, "layout": widgets.Layout(width="330px")}
 
 # trace indices of the race figure
 TIME, SAVED, PEAK, SCATTER, DIAGONAL = range(5)
-
-
-def _nearest(options: list[int], value: int) -> int:
-    return value if value in options else min(options, key=lambda o: abs(math.log(o) - math.log(value)))
 
 
 class ChainRace(Panel):
@@ -59,23 +54,15 @@ class ChainRace(Panel):
             value=s.source,
             tooltips=["one layer of the shape below", "the model, batch and setting of the model picker"],
         )
-        self.tokens = widgets.SelectionSlider(
-            options=TOKENS, value=_nearest(TOKENS, s.tokens), description="N tokens", **_STYLE
+        sliders = shape_sliders(s, _STYLE)
+        self.tokens, self.in_features, self.out_features = (
+            sliders["tokens"],
+            sliders["in_features"],
+            sliders["out_features"],
         )
-        self.in_features = widgets.SelectionSlider(
-            options=FEATURES, value=_nearest(FEATURES, s.in_features), description="i (in)", **_STYLE
-        )
-        self.out_features = widgets.SelectionSlider(
-            options=FEATURES, value=_nearest(FEATURES, s.out_features), description="o (out)", **_STYLE
-        )
-        self.rank = widgets.SelectionSlider(
-            options=RANKS, value=_nearest(RANKS, s.rank), description="r", **_STYLE
-        )
+        self.rank, self.dropout = sliders["rank"], sliders["dropout"]
         self.dtype = widgets.Dropdown(
             options=list(DTYPE_CHOICES), value=_short_dtype(s.dtype), description="dtype", **_STYLE
-        )
-        self.dropout = widgets.FloatSlider(
-            value=s.dropout, min=0.0, max=0.5, step=0.05, description="dropout", **_STYLE
         )
         self.reps = widgets.IntSlider(value=s.reps, min=1, max=30, description="rounds", **_STYLE)
         self.device = widgets.Dropdown(options=devices(), value=s.device, description="device", **_STYLE)
