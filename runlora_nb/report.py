@@ -34,27 +34,32 @@ def _clean(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
+def _time_bars(df: pd.DataFrame, colors: list[str], title: str, ytitle: str, height: int, **extra) -> dict:
+    """Bars of median ms per candidate with IQR error bars (the shared shape of the race charts)."""
+    bar = {
+        "type": "bar",
+        "x": list(df.candidate),
+        "y": [v * 1e3 for v in df.median_s],
+        "error_y": {"type": "data", "array": [v * 1e3 for v in df.iqr_s], "visible": True},
+        "marker": {"color": colors},
+        **extra,
+    }
+    layout = {"title": {"text": title}, "yaxis": {"title": {"text": ytitle}}, "height": height}
+    return {"data": [bar], "layout": layout}
+
+
 def layer_race_figure(df: pd.DataFrame, title: str = "Forward + backward time per candidate") -> dict:
     """Bar chart of median seconds (ms) with IQR error bars, coloured by kind (floor / PEFT / plan / pair)."""
     df = df.sort_values("median_s")
-    return {
-        "data": [
-            {
-                "type": "bar",
-                "x": list(df.candidate),
-                "y": [v * 1e3 for v in df.median_s],
-                "error_y": {"type": "data", "array": [v * 1e3 for v in df.iqr_s], "visible": True},
-                "marker": {"color": [COLORS.get(k, "#1e88e5") for k in df.kind]},
-                "text": [f"{r:.2f}× frozen" for r in df.ratio_frozen],
-                "hovertemplate": "%{x}: %{y:.3g} ms (%{text})<extra></extra>",
-            }
-        ],
-        "layout": {
-            "title": {"text": title},
-            "yaxis": {"title": {"text": "median ms (IQR bars)"}},
-            "height": 380,
-        },
-    }
+    return _time_bars(
+        df,
+        [COLORS.get(k, COLORS["pair"]) for k in df.kind],
+        title,
+        "median ms (IQR bars)",
+        380,
+        text=[f"{r:.2f}× frozen" for r in df.ratio_frozen],
+        hovertemplate="%{x}: %{y:.3g} ms (%{text})<extra></extra>",
+    )
 
 
 def memory_figure(df: pd.DataFrame, title: str = "Activations kept for backward") -> dict:
@@ -65,7 +70,7 @@ def memory_figure(df: pd.DataFrame, title: str = "Activations kept for backward"
                 "type": "bar",
                 "x": list(df.candidate),
                 "y": [b / 2**20 for b in df.saved_bytes],
-                "marker": {"color": [COLORS.get(k, "#1e88e5") for k in df.kind]} if "kind" in df else {},
+                "marker": {"color": [COLORS.get(k, COLORS["pair"]) for k in df.kind]} if "kind" in df else {},
             }
         ],
         "layout": {"title": {"text": title}, "yaxis": {"title": {"text": "MiB"}}, "height": 320},
@@ -74,19 +79,9 @@ def memory_figure(df: pd.DataFrame, title: str = "Activations kept for backward"
 
 def model_race_figure(times: pd.DataFrame, title: str = "Training step (forward + backward)") -> dict:
     """Bars of median step time with IQR for no adapters / PEFT / runlora_nb."""
-    colors = {"no adapters": COLORS["floor"], "peft": COLORS["peft"], "runlora": COLORS["plan"]}
-    return {
-        "data": [
-            {
-                "type": "bar",
-                "x": list(times.candidate),
-                "y": [v * 1e3 for v in times.median_s],
-                "error_y": {"type": "data", "array": [v * 1e3 for v in times.iqr_s], "visible": True},
-                "marker": {"color": [colors.get(c, "#1e88e5") for c in times.candidate]},
-            }
-        ],
-        "layout": {"title": {"text": title}, "yaxis": {"title": {"text": "median ms"}}, "height": 360},
-    }
+    kinds = {"no adapters": "floor", "peft": "peft", "runlora": "plan"}
+    colors = [COLORS[kinds.get(c, "pair")] for c in times.candidate]
+    return _time_bars(times, colors, title, "median ms", 360)
 
 
 def loss_figure(curves: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str = "Loss") -> dict:
