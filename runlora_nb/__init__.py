@@ -7,12 +7,17 @@ One-line adoption::
     from runlora_nb import from_peft, apply_runlora, save_adapter
     from_peft(peft_model)          # convert a PEFT LoRA model in place
     apply_runlora(model, r=16)     # or inject RunLoRA layers into a transformers model
+
+Layers, bottom up (imports only point down; see docs/architecture.md): ``common`` < ``core`` < ``planning`` <
+``nn`` < ``integrations`` < ``assets`` < ``measure`` < ``tuning`` < ``app``; the panels in ``runlora_nb.widgets``
+sit on top and the core never imports them.
 """
 
-from .adapters import AdapterError, load_adapter, save_adapter
-from .chains import BACKWARD, FORWARD, Chain, Needs, valid_pairs
-from .function import CallSpec, lora_apply
-from .inject import (
+from . import _compat
+from .core.chains import BACKWARD, FORWARD, Chain, Needs, valid_pairs
+from .core.function import CallSpec, lora_apply
+from .integrations.adapters import AdapterError, load_adapter, save_adapter
+from .integrations.inject import (
     RunLoRAConfig,
     apply_runlora,
     find_targets,
@@ -21,8 +26,10 @@ from .inject import (
     runlora_layers,
     trainable_parameters,
 )
-from .layer import RunLoRALinear
-from .planner import ChainPlan, plan_chains
+from .nn.layer import RunLoRALinear
+from .planning.planner import ChainPlan, plan_chains
+
+_compat.install()
 
 __version__ = "0.1.0"
 __all__ = [

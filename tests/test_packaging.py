@@ -32,7 +32,7 @@ def test_core_never_imports_ui_packages_or_the_widgets():
 
 def test_importing_the_core_loads_no_ui_package():
     code = (
-        "import sys, runlora_nb, runlora_nb.bench, runlora_nb.train, runlora_nb.report; "
+        "import sys, runlora_nb, runlora_nb.measure, runlora_nb.tuning, runlora_nb.app.report, runlora_nb.app.cli; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {UI!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -56,7 +56,7 @@ def test_binder_files_use_real_commands():
         if line.startswith("runlora-nb "):
             sub = line.split()[1]
             proc = subprocess.run(
-                [sys.executable, "-m", "runlora_nb.cli", sub, "--help"], capture_output=True, text=True
+                [sys.executable, "-m", "runlora_nb.app.cli", sub, "--help"], capture_output=True, text=True
             )
             assert proc.returncode == 0, line
     assert (ROOT / "binder/runtime.txt").read_text().startswith("python-3.")

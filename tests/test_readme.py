@@ -8,8 +8,8 @@ from pathlib import Path
 import peft
 import torch
 
-from runlora_nb.inject import runlora_layers
-from runlora_nb.zoo import load_model
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.inject import runlora_layers
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -113,7 +113,7 @@ def quiet_imports() -> None:
     with _import_lock:
         if _imported.is_set():
             return
-        from runlora_nb.zoo import quiet_transformers
+        from runlora_nb.assets.zoo import quiet_transformers
 
         with quiet_transformers():
             import peft  # noqa: F401

@@ -1,4 +1,4 @@
-"""Fine-tune state: run :class:`runlora_nb.train.FineTuner` in a background thread and keep its curves.
+"""Fine-tune state: run :class:`runlora_nb.tuning.FineTuner` in a background thread and keep its curves.
 
 :class:`FineTuneController` is a FineTuner callback: it records each run's steps, evaluations, samples and chain
 plans, can run the same config again with PEFT for an overlay (sequentially, in the same thread), and stops
@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.train import (
+from runlora_nb.tuning import (
     EndEvent,
     EvalEvent,
     FineTuneConfig,
@@ -43,7 +43,7 @@ class FineTuneSettings:
         eval_interval: evaluate every this many steps (0: only at the start and the end).
         compare_peft: after the runlora_nb run, train the same config with PEFT and overlay its curves.
         output_dir: where the trainer saves the adapter at the end (None: a fresh run folder in the cache).
-        overrides: other :class:`~runlora_nb.train.FineTuneConfig` fields (e.g. ``sample_prompts``).
+        overrides: other :class:`~runlora_nb.tuning.FineTuneConfig` fields (e.g. ``sample_prompts``).
     """
 
     dataset: str = "sonnets"
@@ -97,7 +97,7 @@ class RunTrace:
 
 
 class FineTuneController:
-    """Start and stop fine-tuning runs; a :class:`~runlora_nb.train.FineTuner` callback.
+    """Start and stop fine-tuning runs; a :class:`~runlora_nb.tuning.FineTuner` callback.
 
     Args:
         picker: the shared :class:`~runlora_nb.widgets.picker.PickerController` (model and LoRA setting);

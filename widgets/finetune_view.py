@@ -19,7 +19,7 @@ PLAN_COLUMNS = ["module", "in_features", "out_features", "tokens", "fwd", "bwd",
 
 
 def _dataset_names() -> list[str]:
-    from runlora_nb.data import list_datasets
+    from runlora_nb.assets.datasets import list_datasets
 
     return list(list_datasets()["name"])
 

@@ -1,7 +1,7 @@
 """LoRA lab state: the arithmetic behind the chains, instantly (no timing).
 
 For a layer of N tokens, i → o features and rank r, :class:`LabController` gives the matmul FLOPs of every valid
-(forward, backward) chain pair (:func:`runlora_nb.chains.pair_flops`), the pair with the fewest FLOPs (the
+(forward, backward) chain pair (:func:`runlora_nb.core.chains.pair_flops`), the pair with the fewest FLOPs (the
 planner in ``mode="flops"``) with its formulas, which pair wins over a grid of (N, r), and the tensors PEFT and
 runlora_nb keep for backward with their bytes. No widget is imported here.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from runlora_nb.chains import BACKWARD, FORWARD, Needs, pair_flops, valid_pairs
-from runlora_nb.planner import ChainPlan, plan_chains
+from runlora_nb.core.chains import BACKWARD, FORWARD, Needs, pair_flops, valid_pairs
+from runlora_nb.planning.planner import ChainPlan, plan_chains
 
 __all__ = [
     "ALL_PAIRS",
@@ -170,7 +170,7 @@ class LabController:
     def saved_tensors(self) -> pd.DataFrame:
         """What PEFT and runlora_nb keep for backward, with bytes at the chosen sizes.
 
-        The tensors are recorded with ``saved_tensors_hooks`` (:func:`runlora_nb.bench.layer_saved_tensors`) on a
+        The tensors are recorded with ``saved_tensors_hooks`` (:func:`runlora_nb.measure.layer_saved_tensors`) on a
         small proxy layer (:data:`PROXY` sizes, fp32); each shape is rewritten in N, i, o, r and its bytes
         scaled to the chosen sizes.
 
@@ -219,7 +219,7 @@ def _proxy_saved(dropout: bool, x_needs_grad: bool) -> pd.DataFrame:
     key = (dropout, x_needs_grad)
     with _PROXY_LOCK:
         if key not in _PROXY_CACHE:
-            from runlora_nb.bench import layer_saved_tensors
+            from runlora_nb.measure import layer_saved_tensors
 
             from ._util import quiet_imports
 

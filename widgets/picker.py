@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.train import FineTuneConfig
+from runlora_nb.tuning import FineTuneConfig
 
 from ._util import Listeners
 
@@ -26,7 +26,7 @@ QUANT_CHOICES: tuple[str, ...] = ("none", "nf4", "fp4", "int8")
 
 def default_model() -> str:
     """The embedded model if it is cached (``smollm2-135m``), else ``tiny-llama`` (built in memory)."""
-    from runlora_nb.zoo import is_cached
+    from runlora_nb.assets.zoo import is_cached
 
     return "smollm2-135m" if is_cached("smollm2-135m") else "tiny-llama"
 
@@ -143,7 +143,7 @@ class PickerController:
         return loaded is None or loaded.key != self.choice.load_key
 
     def config(self, **overrides: Any) -> FineTuneConfig:
-        """A :class:`~runlora_nb.train.FineTuneConfig` with the picked model and LoRA setting."""
+        """A :class:`~runlora_nb.tuning.FineTuneConfig` with the picked model and LoRA setting."""
         c = self.choice
         base = {
             "model": c.model,
@@ -162,9 +162,9 @@ class PickerController:
     # ----------------------------------------------------------------------------------------- loading
     def load(self) -> LoadedModel:
         """Load the picked model now (in the calling thread); notifies ``"loading"`` then ``"loaded"``."""
-        from runlora_nb.base import describe_base
-        from runlora_nb.inject import find_targets, trainable_parameters
-        from runlora_nb.zoo import load_model
+        from runlora_nb.assets.zoo import load_model
+        from runlora_nb.core.base import describe_base
+        from runlora_nb.integrations.inject import find_targets, trainable_parameters
 
         from ._util import quiet_imports
 
@@ -235,7 +235,7 @@ class PickerController:
     def estimate(self) -> pd.DataFrame:
         """Training memory for the current choice with PEFT and with runlora_nb (``estimate_memory``: runs one
         forward of each on copies of the loaded model). Notifies ``"estimate"``."""
-        from runlora_nb.bench import estimate_memory
+        from runlora_nb.measure import estimate_memory
 
         loaded = self.ensure_loaded()
         choice = self.choice
@@ -277,7 +277,7 @@ def _normalise_targets(targets: Any) -> str | tuple[str, ...]:
 
 
 def _validate(c: PickerChoice) -> None:
-    from runlora_nb.zoo import quantization_support
+    from runlora_nb.assets.zoo import quantization_support
 
     if not str(c.model).strip():
         raise ValueError("model: give a zoo name or a local folder")

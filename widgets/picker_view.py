@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as widgets
 import pandas as pd
 
-from runlora_nb.zoo import quantization_support
+from runlora_nb.assets.zoo import quantization_support
 
 from ._util import BackgroundTask, ChoiceButtons, Panel, df_html, fmt_bytes, fmt_count, quiet_imports
 from .picker import ALL_LINEAR, DTYPE_CHOICES, QUANT_CHOICES, PickerChoice, PickerController
@@ -19,7 +19,7 @@ _WIDE = {"style": {"description_width": "90px"}, "layout": widgets.Layout(width=
 
 
 def _zoo_names() -> list[str]:
-    from runlora_nb import zoo
+    from runlora_nb.assets import zoo
 
     return zoo.model_names()  # names only: list_models() imports transformers and builds models
 

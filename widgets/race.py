@@ -1,8 +1,8 @@
 """Chain race state: race every valid chain pair, the planner's choice, PEFT and the frozen floor.
 
-:class:`RaceController` runs :func:`runlora_nb.bench.race_layer` (one layer shape) or
-:func:`runlora_nb.bench.race_model` (the picked model) in a background thread, keeps each candidate's latest
-:class:`~runlora_nb.bench.Measurement` as it lands, and can be cancelled. No widget is imported here.
+:class:`RaceController` runs :func:`runlora_nb.measure.race_layer` (one layer shape) or
+:func:`runlora_nb.measure.race_model` (the picked model) in a background thread, keeps each candidate's latest
+:class:`~runlora_nb.measure.Measurement` as it lands, and can be cancelled. No widget is imported here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.bench import LayerSpec, Measurement, race_layer, race_model
-from runlora_nb.chains import valid_pairs
+from runlora_nb.core.chains import valid_pairs
+from runlora_nb.measure import LayerSpec, Measurement, race_layer, race_model
 
 from ._util import BackgroundTask, Listeners
 
@@ -83,7 +83,7 @@ class RaceController:
         **settings: :class:`RaceSettings` fields.
 
     Events (``subscribe(fn)``, ``fn(kind, payload)``): ``"started"`` (candidate names), ``"measurement"`` (a
-    :class:`~runlora_nb.bench.Measurement`), ``"done"`` (the result DataFrame), ``"error"`` (traceback text).
+    :class:`~runlora_nb.measure.Measurement`), ``"done"`` (the result DataFrame), ``"error"`` (traceback text).
     """
 
     def __init__(self, picker: Any = None, **settings: Any) -> None:

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from IPython.display import HTML, FileLink
 from plotly.subplots import make_subplots
 
-from runlora_nb.report import COLORS
+from runlora_nb.app.report import COLORS
 
 from ._util import Panel, df_html, fmt_seconds, shape_sliders
 from .picker import DTYPE_CHOICES
@@ -269,7 +269,7 @@ class ChainRace(Panel):
 
 
 def _quartiles(samples: tuple[float, ...]) -> tuple[float, float]:
-    """(Q1, Q3) the way :attr:`runlora_nb.bench.Measurement.iqr` computes them."""
+    """(Q1, Q3) the way :attr:`runlora_nb.measure.Measurement.iqr` computes them."""
     if len(samples) < 2:
         return (samples[0], samples[0]) if samples else (math.nan, math.nan)
     q = statistics.quantiles(samples, n=4, method="inclusive")

@@ -25,7 +25,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from runlora_nb.chains import valid_pairs
+from runlora_nb.core.chains import valid_pairs
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

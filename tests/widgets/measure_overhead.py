@@ -1,6 +1,6 @@
 """How much a FineTunePanel attached to a run slows training, against the bare engine (not a test: a script).
 
-Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.train.FineTuner` in a
+Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.tuning.FineTuner` in a
 background thread and once through a :class:`~runlora_nb.widgets.FineTunePanel` (controller callbacks,
 throttled chart redraws, status and progress widgets); the order alternates between pairs. The time per step is
 the wall time between consecutive step events (so it includes the callbacks), median over the steps after the
@@ -17,7 +17,7 @@ import itertools
 import statistics
 import time
 
-from runlora_nb.train import FineTuneConfig, FineTuner
+from runlora_nb.tuning import FineTuneConfig, FineTuner
 from runlora_nb.widgets import FineTuneController, FineTunePanel
 
 

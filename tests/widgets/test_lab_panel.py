@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from panel_helpers import all_widgets, wait_until
 
-from runlora_nb.bench import layer_saved_tensors
-from runlora_nb.chains import BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
+from runlora_nb.core.chains import BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
+from runlora_nb.measure import layer_saved_tensors
 from runlora_nb.widgets import LabController, LoRALab
 from runlora_nb.widgets.lab import ALL_PAIRS, GRID_RANKS, GRID_TOKENS
 from runlora_nb.widgets.lab_view import BARS, HEATMAP, HERE

@@ -10,7 +10,7 @@ import pytest
 import traitlets
 from panel_helpers import all_widgets, wait_until
 
-from runlora_nb import zoo
+from runlora_nb.assets import zoo
 from runlora_nb.widgets._util import (
     BackgroundTask,
     ChoiceButtons,

@@ -7,8 +7,8 @@ import copy
 import pytest
 from panel_helpers import all_widgets, wait_until
 
-from runlora_nb import zoo
-from runlora_nb.inject import apply_runlora, trainable_parameters
+from runlora_nb.assets import zoo
+from runlora_nb.integrations.inject import apply_runlora, trainable_parameters
 from runlora_nb.widgets import ModelPicker, PickerController, default_model
 from runlora_nb.widgets.picker import ALL_LINEAR
 

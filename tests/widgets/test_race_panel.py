@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from panel_helpers import SMALL_LAYER, all_widgets, wait_until
 
-from runlora_nb.bench import LAYER_COLUMNS, Measurement
-from runlora_nb.chains import valid_pairs
+from runlora_nb.core.chains import valid_pairs
+from runlora_nb.measure import LAYER_COLUMNS, Measurement
 from runlora_nb.widgets import ChainRace, RaceController
 from runlora_nb.widgets import race as race_module
 from runlora_nb.widgets.race_view import DIAGONAL, PEAK, SAVED, SCATTER, TIME

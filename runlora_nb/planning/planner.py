@@ -1,0 +1,301 @@
+"""Choose the chain pair for a call: by FLOPs, by a calibrated cost model, or by timing.
+
+Modes:
+    ``"flops"``: fewest matmul FLOPs (the paper's criterion).
+    ``"auto"``: least predicted time from a per-(device, dtype) cost model — GEMM time from a roofline of FLOP
+        rate and memory bandwidth fitted on this machine in well under a second, plus the dequantization of a
+        quantized base and the dropout mask work. Skinny rank-8..64 GEMMs are bandwidth bound, which FLOPs miss.
+    ``"timed"``: run every valid pair in the real dtype and device and keep the fastest (≤ about 1 s a shape).
+
+Plans are cached in memory per :class:`PlanKey` and, for ``"auto"`` and ``"timed"``, persisted as JSON under
+the user cache dir, so later processes reuse them. A corrupt cache file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import threading
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from ..common.paths import atomic_write_text, cache_dir
+from ..core.chains import ALL, BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
+from . import costmodel
+from .timing import interleaved, pair_step
+
+__all__ = ["MODES", "ChainPlan", "PlanKey", "clear_cache", "plan_chains"]
+
+Mode = Literal["flops", "auto", "timed"]
+MODES: tuple[str, ...] = ("auto", "flops", "timed")
+_CACHE_FILE = "plans.json"
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """Everything a plan depends on."""
+
+    n_tokens: int
+    in_features: int
+    out_features: int
+    rank: int
+    needs: Needs
+    base_dtype: str
+    adapter_dtype: str
+    device: str
+    dropout: bool
+    quant: str  # "" for float bases, else "nf4" / "fp4" / "int8"
+    mode: str
+    torch_version: str = torch.__version__
+
+    def as_str(self) -> str:
+        return "|".join(str(v) for v in asdict(self).values())
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Which (forward, backward) pair a layer uses for one shape, and why.
+
+    Attributes:
+        fwd: forward chain id.
+        bwd: backward chain id.
+        mode: how it was chosen: ``"flops"``, ``"auto"``, ``"timed"`` or ``"explicit"``.
+        flops: matmul FLOPs of one forward + backward with this pair.
+        predicted_s: predicted (auto) or measured (timed) seconds of forward + backward; None for flops mode.
+        temp_bytes: peak bytes of the chain temporaries.
+        reason: one sentence a person can read.
+    """
+
+    fwd: str
+    bwd: str
+    mode: str
+    flops: int
+    predicted_s: float | None
+    temp_bytes: int
+    reason: str
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.fwd, self.bwd
+
+    def __str__(self) -> str:
+        t = "" if self.predicted_s is None else f", {self.predicted_s * 1e3:.3g} ms"
+        return f"{self.fwd}+{self.bwd} [{self.mode}] {self.flops / 1e9:.3g} GFLOP{t}: {self.reason}"
+
+
+_lock = threading.Lock()
+_memory: dict[PlanKey, ChainPlan] = {}
+_disk: dict[str, dict] | None = None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _load_disk() -> dict[str, dict]:
+    global _disk
+    if _disk is None:
+        path = cache_dir() / _CACHE_FILE
+        try:
+            data = json.loads(path.read_text())
+            _disk = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _disk = {}  # missing or corrupt: start over, the next save rewrites it
+    return _disk
+
+
+def _save_disk(key: PlanKey, plan: ChainPlan) -> None:
+    disk = _load_disk()
+    disk[key.as_str()] = asdict(plan)
+    with contextlib.suppress(OSError):  # a read-only cache dir only costs re-planning in the next process
+        atomic_write_text(cache_dir() / _CACHE_FILE, json.dumps(disk, indent=0, sort_keys=True))
+
+
+def _from_disk(key: PlanKey) -> ChainPlan | None:
+    raw = _load_disk().get(key.as_str())
+    if not isinstance(raw, dict):
+        return None
+    try:
+        plan = ChainPlan(**raw)
+    except TypeError:
+        return None
+    return plan if plan.fwd in FORWARD and plan.bwd in BACKWARD else None
+
+
+def clear_cache(disk: bool = False) -> None:
+    """Forget every in-memory plan (and the JSON cache file when ``disk``)."""
+    global _disk
+    with _lock:
+        _memory.clear()
+        if disk:
+            (cache_dir() / _CACHE_FILE).unlink(missing_ok=True)
+            _disk = None
+
+
+def _candidates(dropout: float, allow_merged: bool) -> list[tuple[str, str]]:
+    return list(valid_pairs(dropout, allow_merged=allow_merged))
+
+
+def _by_flops(key: PlanKey, pairs: list[tuple[str, str]], itemsize: int) -> ChainPlan:
+    n, i, o, r, needs = key.n_tokens, key.in_features, key.out_features, key.rank, key.needs
+    # ties: fewer temporary bytes, then table order
+    best = min(
+        pairs, key=lambda p: (pair_flops(*p, n, i, o, r, needs), pair_temp_bytes(*p, n, i, o, r, needs))
+    )
+    flops = pair_flops(*best, n, i, o, r, needs)
+    worst = max(pair_flops(*p, n, i, o, r, needs) for p in pairs)
+    reason = (
+        f"fewest FLOPs among {len(pairs)} valid pairs ({flops / 1e9:.3g} vs up to {worst / 1e9:.3g} GFLOP)"
+    )
+    return ChainPlan(*best, "flops", flops, None, pair_temp_bytes(*best, n, i, o, r, needs, itemsize), reason)
+
+
+def _by_model(key: PlanKey, pairs: list[tuple[str, str]], itemsize: int) -> ChainPlan:
+    n, i, o, r, needs = key.n_tokens, key.in_features, key.out_features, key.rank, key.needs
+    model = costmodel.get_model(key.device, key.base_dtype, key.adapter_dtype)
+    times = {p: model.pair_seconds(*p, n, i, o, r, needs, key.dropout, key.quant) for p in pairs}
+    best = min(pairs, key=lambda p: (times[p], pair_temp_bytes(*p, n, i, o, r, needs)))
+    by_flops = _by_flops(key, pairs, itemsize)
+    if best == by_flops.pair:
+        reason = f"least predicted time ({model.describe()}), also fewest FLOPs"
+    else:
+        gain = times[by_flops.pair] / times[best]
+        reason = (
+            f"least predicted time ({model.describe()}); the fewest-FLOP pair {'+'.join(by_flops.pair)} is "
+            f"predicted {gain:.2f}× slower because its extra traffic outweighs the FLOPs it saves"
+        )
+    flops = pair_flops(*best, n, i, o, r, needs)
+    return ChainPlan(
+        *best, "auto", flops, times[best], pair_temp_bytes(*best, n, i, o, r, needs, itemsize), reason
+    )
+
+
+def time_pairs(
+    key: PlanKey, pairs: list[tuple[str, str]], budget_s: float = 1.0
+) -> dict[tuple[str, str], float]:
+    """Median seconds of forward + backward for each pair on the key's shape, dtype and device.
+
+    To stay near ``budget_s`` on slow machines, pairs the cost model predicts > 1.3× slower than its best are
+    not run (they get their predicted time), and the number of rounds shrinks with the predicted step time.
+
+    Args:
+        key: the plan key (shape, needs, dtypes, device, dropout).
+        pairs: valid pairs.
+        budget_s: soft limit for the timed rounds.
+
+    Returns:
+        pair → seconds (measured median, or the model's prediction for pruned pairs).
+    """
+    model = costmodel.get_model(key.device, key.base_dtype, key.adapter_dtype)
+    shape = (key.n_tokens, key.in_features, key.out_features, key.rank)
+    predicted = {p: model.pair_seconds(*p, *shape, key.needs, key.dropout, key.quant) for p in pairs}
+    best = min(predicted.values())
+    keep = sorted((p for p in pairs if predicted[p] <= 1.3 * best), key=predicted.get)[:4]
+    per_round = sum(predicted[p] for p in keep)
+    reps = int(max(1, min(5, budget_s / max(per_round, 1e-9) - 1)))
+    dtype, adapter = getattr(torch, key.base_dtype), getattr(torch, key.adapter_dtype)
+    steps = {
+        "+".join(p): pair_step(
+            p,
+            *shape,
+            needs=key.needs,
+            dtype=dtype,
+            adapter_dtype=adapter,
+            device=key.device,
+            dropout=0.1 if key.dropout else 0.0,
+        )
+        for p in keep
+    }
+    with torch.random.fork_rng(devices=[]):  # dropout seeds drawn while timing must not move the user's RNG
+        measured = interleaved(steps, warmup=1, reps=reps, budget_s=budget_s, device=key.device)
+    result = dict(predicted)
+    for p in keep:
+        result[p] = statistics.median(measured["+".join(p)])
+    return result
+
+
+def _by_timing(key: PlanKey, pairs: list[tuple[str, str]], itemsize: int) -> ChainPlan:
+    n, i, o, r, needs = key.n_tokens, key.in_features, key.out_features, key.rank, key.needs
+    times = time_pairs(key, pairs)
+    best = min(pairs, key=lambda p: times[p])
+    runner_up = sorted(times.values())[1] if len(times) > 1 else times[best]
+    reason = f"fastest of {len(pairs)} valid pairs timed jointly here ({runner_up / times[best]:.2f}× ahead of the next)"
+    flops = pair_flops(*best, n, i, o, r, needs)
+    return ChainPlan(
+        *best, "timed", flops, times[best], pair_temp_bytes(*best, n, i, o, r, needs, itemsize), reason
+    )
+
+
+def plan_chains(
+    n_tokens: int,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    *,
+    needs: Needs | tuple[bool, bool, bool] = ALL,
+    dtype: torch.dtype = torch.float32,
+    adapter_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    dropout: float = 0.0,
+    quant: str = "",
+    mode: Mode = "auto",
+) -> ChainPlan:
+    """The chain pair to use for one call shape.
+
+    Args:
+        n_tokens: N, rows of the flattened input.
+        in_features: i.
+        out_features: o.
+        rank: r.
+        needs: which of (dX, dA, dB) backward must produce.
+        dtype: dtype of the base products.
+        adapter_dtype: dtype of the adapter products (default: ``dtype``). Merged chains are not considered
+            when the adapters are more precise than the base, since ``W + sAB`` would round sAB to ``dtype``.
+        device: where the call runs.
+        dropout: adapter dropout probability (> 0 rules out merged chains).
+        quant: ``""`` for a float base, else ``"nf4"``, ``"fp4"`` or ``"int8"`` (dequantization is costed).
+        mode: ``"auto"``, ``"flops"`` or ``"timed"``.
+
+    Returns:
+        A :class:`ChainPlan`; never a merged chain with dropout.
+
+    Raises:
+        ValueError: unknown mode or non-positive sizes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"plan_chains: mode must be one of {MODES}, got {mode!r}")
+    if min(in_features, out_features, rank) <= 0 or n_tokens < 0:
+        raise ValueError(
+            f"plan_chains: sizes must be positive, got N={n_tokens}, i={in_features}, o={out_features}, r={rank}"
+        )
+    adapter_dtype = adapter_dtype or dtype
+    key = PlanKey(
+        n_tokens,
+        in_features,
+        out_features,
+        rank,
+        Needs(*needs),
+        _dtype_name(dtype),
+        _dtype_name(adapter_dtype),
+        torch.device(device).type,
+        dropout > 0,
+        quant,
+        mode,
+    )
+    plan = _memory.get(key)
+    if plan is not None:
+        return plan
+    with _lock:
+        plan = _memory.get(key) or (_from_disk(key) if mode != "flops" else None)
+        if plan is None:
+            allow_merged = adapter_dtype.itemsize <= dtype.itemsize or not adapter_dtype.is_floating_point
+            pairs = _candidates(dropout, allow_merged)
+            choose = {"flops": _by_flops, "auto": _by_model, "timed": _by_timing}[mode]
+            plan = choose(key, pairs, dtype.itemsize)
+            if mode != "flops":
+                _save_disk(key, plan)
+        _memory[key] = plan
+    return plan

@@ -1,0 +1,105 @@
+"""The fine-tuning config: one frozen dataclass with sensible defaults, and :func:`with_backend`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = ["FineTuneConfig", "with_backend"]
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Everything a fine-tuning run depends on.
+
+    Attributes:
+        model: zoo name (``smollm2-135m``, ``tiny-llama``, …) or a local folder.
+        dataset: dataset name (``sonnets``, ``chatterbot``, …) or a .txt / .jsonl file.
+        task: ``"causal-lm"``, ``"instruction"`` or ``"classification"``; None: the dataset's default.
+        r: LoRA rank.
+        alpha: LoRA alpha.
+        dropout: adapter dropout.
+        targets: ``"all-linear"``, a list of module names, or None for PEFT's default per architecture.
+        quantization: None, ``"nf4"``, ``"fp4"`` or ``"int8"`` base weights.
+        dtype: base dtype (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        steps: optimizer steps.
+        batch_size: sequences per micro-batch.
+        seq_len: tokens per sequence (block size).
+        grad_accum: micro-batches per optimizer step.
+        warmup_steps: linear warm-up steps.
+        schedule: ``"cosine"``, ``"linear"`` or ``"constant"`` after warm-up.
+        max_grad_norm: gradient clipping (None: off).
+        eval_interval: evaluate every this many steps (and at the end); 0: only at the end.
+        eval_batches: validation batches per evaluation.
+        seed: one seed for init, data order and dropout masks.
+        backend: ``"runlora"`` or ``"peft"``.
+        chain: planner mode for the runlora backend.
+        output_dir: where the adapter is saved (default: a fresh folder under the cache's ``runs/``).
+        sample_prompts: prompts generated from before and after training (causal LM tasks).
+        sample_tokens: new tokens per sample.
+        gradient_checkpointing: recompute transformer blocks in backward (less memory, more time).
+    """
+
+    model: str = "smollm2-135m"
+    dataset: str = "sonnets"
+    task: str | None = None
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: str | tuple[str, ...] | None = "all-linear"
+    quantization: str | None = None
+    dtype: str = "fp32"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    steps: int = 40
+    batch_size: int = 4
+    seq_len: int = 128
+    grad_accum: int = 1
+    warmup_steps: int = 4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    eval_interval: int = 10
+    eval_batches: int = 4
+    seed: int = 0
+    backend: Literal["runlora", "peft"] = "runlora"
+    chain: str = "auto"
+    output_dir: str | None = None
+    sample_prompts: tuple[str, ...] = ("Shall I compare thee to a summer's day?",)
+    sample_tokens: int = 24
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                self.backend in ("runlora", "peft"),
+                f"backend must be 'runlora' or 'peft', got {self.backend!r}",
+            ),
+            (self.schedule in ("cosine", "linear", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.eval_interval >= 0, f"eval_interval must be >= 0, got {self.eval_interval}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"FineTuneConfig: {msg}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.sample_prompts, str | list):
+            prompts = (
+                (self.sample_prompts,) if isinstance(self.sample_prompts, str) else tuple(self.sample_prompts)
+            )
+            object.__setattr__(self, "sample_prompts", prompts)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+def with_backend(config: FineTuneConfig, backend: str) -> FineTuneConfig:
+    """The same run on the other backend (for PEFT-vs-runlora_nb overlays)."""
+    return replace(config, backend=backend)

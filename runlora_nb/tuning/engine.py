@@ -1,0 +1,361 @@
+"""Fine-tuning engine: a small, event-driven training loop that never imports widgets.
+
+State and events are separate from outputs (livelossplot / minGPT style): :class:`FineTuner` emits
+``on_start``, ``on_sample``, ``on_step``, ``on_eval`` and ``on_end`` to its callbacks, and whoever listens —
+a progress printer, a plotly panel, a test — draws. :meth:`FineTuner.stop` may be called from a callback or
+another thread; the loop checks it between steps, saves the adapter and ends cleanly. The same config and
+seed give the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..integrations.plans import plan_table
+from .config import FineTuneConfig
+from .events import EndEvent, EvalEvent, SampleEvent, StartEvent, StepEvent, TrainResult
+
+__all__ = ["FineTuner", "enable_checkpointing"]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing with transformers 5's name, or 4's."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _lr_factor(step: int, cfg: FineTuneConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _task_of(cfg: FineTuneConfig) -> tuple[str, str]:
+    """(data task, model task)."""
+    from ..assets.datasets import dataset_kind
+
+    task = cfg.task or ("causal-lm" if dataset_kind(cfg.dataset) == "text" else "instruction")
+    return task, ("sequence-classification" if task == "classification" else "causal-lm")
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+
+
+class FineTuner:
+    """Fine-tune a zoo model with LoRA (runlora_nb or PEFT) and emit events.
+
+    Args:
+        config: the run.
+        callbacks: :class:`Callback` objects (or anything with some of the ``on_*`` methods).
+        model: optional prepared (model, tokenizer) pair to train instead of loading ``config.model`` (its
+            adapters are added by the trainer).
+
+    Example:
+        >>> tuner = FineTuner(FineTuneConfig(model="tiny-llama", steps=20), [PrintProgress()])
+        >>> result = tuner.run()
+    """
+
+    def __init__(
+        self,
+        config: FineTuneConfig,
+        callbacks: Sequence[Any] = (),
+        model: tuple[nn.Module, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.callbacks: list[Any] = list(callbacks)
+        self._given = model
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.history = TrainResult(config)
+        self.step = 0
+        self.running = False
+        self.label_names: tuple[str, ...] = ()
+
+    # -------------------------------------------------------------------------------------------- control
+    def add_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (thread-safe; the adapter is saved)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def plans(self) -> pd.DataFrame:
+        """Per-module chain plans in use (runlora backend, after the first step); empty for PEFT."""
+        return plan_table(self.model) if self.model is not None else pd.DataFrame()
+
+    def start(self) -> threading.Thread:
+        """Run in a background thread (the Jupyter kernel stays responsive); returns the thread."""
+        if self.running:
+            raise RuntimeError("FineTuner: already running; call stop() and wait for it first")
+        self._thread = threading.Thread(target=self._run_quietly, name="runlora-finetune", daemon=True)
+        self.running = True
+        self._thread.start()
+        return self._thread
+
+    def join(self, timeout: float | None = None) -> TrainResult:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.history
+
+    def _run_quietly(self) -> None:
+        # errors are reported through on_end(error=...): a background thread has nowhere to raise to
+        with contextlib.suppress(Exception):
+            self.run()
+
+    def _emit(self, name: str, event: Any) -> None:
+        for cb in list(self.callbacks):
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(self, event)
+
+    # -------------------------------------------------------------------------------------------- setup
+    def prepare(self) -> None:
+        """Load the model and data, add the adapters (idempotent)."""
+        if self.model is not None:
+            return
+        from ..assets.tokenized import make_dataset
+        from ..assets.zoo import load_model
+
+        cfg = self.config
+        data_task, model_task = _task_of(cfg)
+        torch.manual_seed(cfg.seed)
+        if self._given is not None:
+            model, tok = self._given
+        else:
+            model, tok = load_model(
+                cfg.model, dtype=cfg.dtype, quantization=cfg.quantization, task=model_task
+            )
+        self.train_set = make_dataset(cfg.dataset, tok, cfg.seq_len, "train", cfg.seed, task=data_task)
+        self.val_set = make_dataset(cfg.dataset, tok, cfg.seq_len, "validation", cfg.seed, task=data_task)
+        if len(self.train_set) == 0:
+            raise ValueError(
+                f"FineTuner: dataset {cfg.dataset!r} gives no training rows at seq_len={cfg.seq_len}"
+            )
+        self.label_names = self.train_set.label_names
+        if model_task == "sequence-classification" and model.config.num_labels != len(self.label_names):
+            model, tok = load_model(
+                cfg.model,
+                dtype=cfg.dtype,
+                quantization=cfg.quantization,
+                task=model_task,
+                num_labels=len(self.label_names),
+            )
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
+        self.model = self._add_adapters(model.train())
+        self.tokenizer = tok
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, cfg))
+
+    def _add_adapters(self, model: nn.Module) -> nn.Module:
+        cfg = self.config
+        targets = list(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets
+        if cfg.backend == "runlora":
+            from ..integrations.inject import apply_runlora
+
+            return apply_runlora(
+                model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets, chain=cfg.chain
+            )
+        import peft
+
+        if cfg.quantization:
+            from ..core.quant import guard_cpu_repack
+
+            guard_cpu_repack(model)
+        lcfg = peft.LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
+        )
+        from ..integrations.inject import get_peft_model
+
+        return get_peft_model(model, lcfg)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        from ..assets.tokenized import batches
+
+        epoch = 0
+        while True:
+            yield from batches(
+                self.train_set, self.config.batch_size, seed=self.config.seed + epoch, drop_last=True
+            )
+            epoch += 1
+            if len(self.train_set) < self.config.batch_size:
+                raise ValueError(
+                    f"FineTuner: {len(self.train_set)} training rows cannot fill batch_size={self.config.batch_size}"
+                )
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        return out.loss, out.logits
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalEvent:
+        """Validation loss (and perplexity, or accuracy for classification) on ``eval_batches`` batches."""
+        from ..assets.tokenized import batches
+
+        self.model.eval()
+        losses, correct, seen = [], 0, 0
+        try:
+            it = batches(self.val_set, self.config.batch_size, shuffle=False)
+            for _, batch in zip(range(self.config.eval_batches), it):
+                loss, logits = self._loss(batch)
+                losses.append(float(loss))
+                if self.label_names:
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                    seen += len(batch["labels"])
+        finally:
+            self.model.train()
+        val = sum(losses) / len(losses) if losses else math.nan
+        acc = correct / seen if seen else None
+        return EvalEvent(self.step, val, math.exp(min(val, 50.0)), acc)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy continuations of ``prompts`` (causal LM tasks); the model is back in train mode after."""
+        self.prepare()
+        if self.label_names:
+            return []
+        tok, n = self.tokenizer, max_new_tokens or self.config.sample_tokens
+        self.model.eval()
+        try:
+            texts = []
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt")
+                out = self.model.generate(
+                    **ids,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                texts.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            return texts
+        finally:
+            self.model.train()
+
+    def _sample(self, stage: str) -> None:
+        prompts = self.config.sample_prompts
+        if not prompts or self.label_names:
+            return
+        for prompt, text in zip(prompts, self.generate(prompts)):
+            event = SampleEvent(stage, prompt, text)
+            self.history.samples.append(event)
+            self._emit("on_sample", event)
+
+    def _eval(self) -> EvalEvent:
+        event = self.evaluate()
+        self.history.evals.append(event)
+        self._emit("on_eval", event)
+        return event
+
+    def save_adapter(self, directory: str | Path | None = None) -> Path:
+        """Save the adapter in PEFT's format (default: ``config.output_dir`` or a fresh run folder)."""
+        from ..common.paths import cache_dir
+        from ..integrations.adapters import save_adapter
+
+        cfg = self.config
+        if directory is None:
+            directory = cfg.output_dir or cache_dir("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.backend}")
+        return save_adapter(self.model, directory)
+
+    def run(self) -> TrainResult:
+        """Train for ``config.steps`` steps (or until :meth:`stop`), emitting events; returns the history."""
+        cfg = self.config
+        self.running = True
+        self._stop.clear()
+        t0 = time.perf_counter()
+        val: float | None = None
+        try:
+            self.prepare()
+            from ..integrations.inject import trainable_parameters
+
+            counts = trainable_parameters(self.model)
+            self._emit(
+                "on_start",
+                StartEvent(cfg, counts.trainable, counts.total, len(self.train_set), len(self.val_set)),
+            )
+            self._sample("before")
+            val = self._eval().val_loss
+            batches = self._batches()
+            while self.step < cfg.steps and not self._stop.is_set():
+                self._train_step(batches, t0)
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
+                    val = self._eval().val_loss
+            if not self.history.evals or self.history.evals[-1].step != self.step:
+                val = self._eval().val_loss
+            self._sample("after")
+            adapter = str(self.save_adapter())
+            end = EndEvent(self.step, self._stop.is_set(), adapter, time.perf_counter() - t0, val)
+        except Exception as err:
+            end = EndEvent(
+                self.step,
+                self._stop.is_set(),
+                None,
+                time.perf_counter() - t0,
+                val,
+                f"{type(err).__name__}: {err}",
+            )
+            self.history.end = end
+            self.running = False
+            self._emit("on_end", end)
+            raise
+        self.history.end = end
+        self.running = False
+        self._emit("on_end", end)
+        return self.history
+
+    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], t0: float) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        total, tokens = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            loss, _ = self._loss(batch)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - start
+        event = StepEvent(
+            self.step, total, lr, float(norm), tokens, tokens / dt, dt, time.perf_counter() - t0
+        )
+        self.history.steps.append(event)
+        self._emit("on_step", event)

@@ -1,0 +1,223 @@
+"""apply_runlora, from_peft and merge_and_unload on small random-init models of each architecture."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from testutil import rel_err
+from transformers.pytorch_utils import Conv1D
+
+from runlora_nb import RunLoRALinear
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.inject import (
+    apply_runlora,
+    find_targets,
+    from_peft,
+    get_peft_model,
+    merge_and_unload,
+    runlora_layers,
+    trainable_parameters,
+)
+
+TINY = ["tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-roberta"]
+
+
+def tiny(name: str, task: str = "causal-lm", **kw):
+    model, tok = load_model(name, task=task, **kw)
+    return model.train(), tok
+
+
+def batch(tok, n: int = 2, length: int = 12):
+    ids = torch.randint(3, 200, (n, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_apply_runlora_matches_peft_targets_and_freezes_the_rest(name):
+    model, _tok = tiny(name)
+    reference, _ = tiny(name)
+    pm = get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8))
+    peft_targets = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer))  # fmt: skip
+    apply_runlora(model, r=4, alpha=8)
+    ours = sorted(n for n, _ in runlora_layers(model))
+    assert ours == peft_targets and ours  # PEFT's default targets per architecture
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    counts = trainable_parameters(model)
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert str(counts).startswith("trainable params: ") and "trainable%" in str(counts)
+    assert counts.trainable == trainable_parameters(pm).trainable
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_all_linear_and_training_step(name):
+    model, tok = tiny(name)
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear", dropout=0.1)
+    names = [n for n, _ in runlora_layers(model)]
+    head = model.get_output_embeddings()
+    assert all(model.get_submodule(n).base_layer is not head for n in names)  # lm_head left out
+    if name == "tiny-gpt2":
+        assert all(isinstance(model.get_submodule(n).base_layer, Conv1D) for n in names)
+        assert model.runlora_config.fan_in_fan_out
+    loss = model(**batch(tok)).loss
+    loss.backward()
+    grads = [model.get_submodule(n).lora_A.weight.grad for n in names]
+    assert all(g is not None for g in grads)
+
+
+def test_target_rules_follow_peft():
+    model, _ = tiny("tiny-llama")
+    assert find_targets(model, ["q_proj"]) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    assert find_targets(model, r".*\.1\.mlp\.(up|down)_proj") == [
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    assert find_targets(model, ["model.layers.0.self_attn.v_proj"]) == ["model.layers.0.self_attn.v_proj"]
+    assert "model.layers.0.mlp.up_proj" not in find_targets(model, "all-linear", exclude_modules=["up_proj"])
+    with pytest.raises(ValueError, match=r"matches no linear layer.*'q_proj'"):
+        find_targets(model, ["query"])
+
+
+def test_sequence_classification_keeps_the_head_trainable():
+    model, _tok = tiny("tiny-roberta", task="sequence-classification")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    assert model.runlora_config.modules_to_save == ["classifier"]
+    assert all(not n.startswith("classifier") for n, _ in runlora_layers(model))
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_apply_twice_and_bad_arguments_are_errors():
+    model, _ = tiny("tiny-llama")
+    with pytest.raises(ValueError, match="dropout must be in"):
+        apply_runlora(model, dropout=1.5)
+    with pytest.raises(ValueError, match="not a planner mode"):
+        apply_runlora(model, chain="quickest")
+    apply_runlora(model)
+    with pytest.raises(ValueError, match="already has RunLoRA layers"):
+        apply_runlora(model)
+
+
+# ---------------------------------------------------------------------------------------------- from_peft
+
+
+def peft_model(name="tiny-llama", init=False, **cfg):
+    model, tok = tiny(name)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init, **cfg)
+    return get_peft_model(model, config).train(), tok
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_from_peft_output_equals_peft_and_shares_tensors(name):
+    pm, tok = peft_model(name)
+    data = batch(tok)
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(**data).logits
+    params_before = {n: p.data_ptr() for n, p in pm.named_parameters()}
+    from_peft(pm)
+    assert {n: p.data_ptr() for n, p in pm.named_parameters()} == params_before  # shared, not copied
+    converted = list(runlora_layers(pm))
+    assert converted and all(isinstance(layer, peft.tuners.lora.LoraLayer) for _, layer in converted)
+    with torch.no_grad():
+        got = pm(**data).logits
+    assert (got - expected).abs().max() / expected.abs().max() <= 1e-6
+    pm.train()
+    loss = pm(**data).loss
+    loss.backward()
+    assert all(layer.lora_A["default"].weight.grad is not None for _, layer in converted)
+
+
+def test_from_peft_keeps_peft_features_working(tmp_path):
+    pm, tok = peft_model()
+    from_peft(pm)
+    data = batch(tok)
+    pm.eval()
+    with torch.no_grad():
+        with pm.disable_adapter():
+            base = pm(**data).logits
+        adapted = pm(**data).logits
+        assert not torch.allclose(base, adapted)
+        pm.save_pretrained(tmp_path)  # PEFT's own save still finds the (converted) LoRA layers
+        reloaded = peft.PeftModel.from_pretrained(tiny("tiny-llama")[0], tmp_path).eval()
+        assert rel_err(reloaded(**data).logits, adapted) < 1e-6
+
+
+def test_from_peft_merge_and_unload():
+    pm, tok = peft_model()
+    from_peft(pm)
+    data = batch(tok)
+    pm.eval()
+    with torch.no_grad():
+        before = pm(**data).logits
+        merged = merge_and_unload(pm)
+        assert not list(runlora_layers(merged))
+        assert rel_err(merged(**data).logits, before) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"lora_bias": True}, "lora_bias"),
+    ],
+)
+def test_from_peft_refuses_unsupported_features(cfg, match):
+    pm, _ = peft_model(**cfg)
+    with pytest.raises(ValueError, match=rf"nothing was converted[\s\S]*{match}"):
+        from_peft(pm)
+    assert not list(runlora_layers(pm))
+
+
+def test_from_peft_refuses_several_active_adapters():
+    pm, _ = peft_model()
+    pm.add_adapter("second", peft.LoraConfig(r=4, target_modules="all-linear"))
+    pm.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="several active adapters"):
+        from_peft(pm)
+
+
+def test_from_peft_needs_lora_layers():
+    model, _ = tiny("tiny-llama")
+    with pytest.raises(ValueError, match="has no PEFT LoRA layers"):
+        from_peft(model)
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_merge_and_unload_restores_plain_layers(name):
+    model, tok = tiny(name)
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear", init_lora_weights=False)
+    data = batch(tok)
+    model.eval()
+    with torch.no_grad():
+        before = model(**data).logits
+        merge_and_unload(model)
+        assert not list(runlora_layers(model))
+        assert not any(isinstance(m, RunLoRALinear) for m in model.modules())
+        assert rel_err(model(**data).logits, before) < 1e-5
+
+
+def test_layers_merge_and_unmerge_in_place():
+    model, tok = tiny("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, init_lora_weights=False)
+    data = batch(tok)
+    model.eval()
+    with torch.no_grad():
+        before = model(**data).logits
+        for _, layer in runlora_layers(model):
+            layer.merge()
+        assert rel_err(model(**data).logits, before) < 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _, layer in runlora_layers(model):
+                layer.unmerge()
+        assert rel_err(model(**data).logits, before) < 1e-5

@@ -1,0 +1,156 @@
+"""Measurement engine: documented columns, live callbacks, cancel, memory counts, model race, X-ray.
+
+No timing thresholds here: performance is measured by `runlora-nb bench`, not asserted in tests.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pandas as pd
+import pytest
+
+from runlora_nb.core.chains import valid_pairs
+from runlora_nb.measure import (
+    LAYER_COLUMNS,
+    MODEL_COLUMNS,
+    LayerSpec,
+    Measurement,
+    check_targets,
+    compare_saved_tensors,
+    estimate_memory,
+    grid_specs,
+    layer_saved_tensors,
+    race_grid,
+    race_layer,
+    race_model,
+)
+
+SMALL = LayerSpec(128, 96, 64, 8)
+
+
+def test_race_layer_returns_every_candidate_with_documented_columns():
+    df = race_layer(SMALL, reps=2)
+    assert list(df.columns) == LAYER_COLUMNS
+    names = set(df.candidate)
+    assert {"frozen", "peft", "runlora"} <= names
+    assert {"+".join(p) for p in valid_pairs(0.0)} <= names
+    assert (df.reps == 2).all() and (df.median_s > 0).all()
+    frozen = df[df.candidate == "frozen"].iloc[0]
+    assert frozen.ratio_frozen == pytest.approx(1.0)
+    assert df[df.candidate == "peft"].iloc[0].ratio_peft == pytest.approx(1.0)
+    plan = df[df.kind == "plan"].iloc[0]
+    assert (plan.fwd, plan.bwd) in set(valid_pairs(0.0)) and plan.predicted_s > 0
+    x_bytes = 128 * 96 * 4
+    # exact memory: runlora keeps X only; PEFT keeps X and XA; the frozen layer keeps nothing of size N
+    assert (df[df.kind.isin(["pair", "plan"])].saved_bytes == x_bytes).all()
+    assert df[df.candidate == "peft"].iloc[0].saved_bytes == x_bytes + 128 * 8 * 4
+    assert frozen.saved_bytes == 0
+    assert df.attrs["cancelled"] is False
+
+
+def test_dropout_race_has_only_valid_pairs_and_peft_keeps_more():
+    df = race_layer(LayerSpec(128, 96, 64, 8, dropout=0.1), reps=1)
+    pairs = set(df[df.kind == "pair"].candidate)
+    assert pairs == {"+".join(p) for p in valid_pairs(0.1)}
+    peft = df[df.candidate == "peft"].iloc[0]
+    assert peft.saved_over_x >= 1.9
+    assert (df[df.kind == "plan"].saved_over_x <= 1.07).all()
+
+
+def test_callback_fires_per_candidate_per_round_and_final_last():
+    seen: list[Measurement] = []
+    race_layer(SMALL, reps=3, include_pairs=False, on_measurement=seen.append)
+    assert len(seen) == 3 * 3  # frozen, peft, runlora × 3 rounds
+    assert [m.final for m in seen[-3:]] == [True] * 3 and not any(m.final for m in seen[:-3])
+    assert len(seen[-1].samples) == 3 and seen[0].median > 0 and seen[-1].iqr >= 0
+
+
+def test_cancel_returns_partial_results():
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 8  # warm-up is 3 calls, then stop in the second timed round
+
+    df = race_layer(SMALL, reps=50, include_pairs=False, cancel=cancel)
+    assert df.attrs["cancelled"] is True
+    assert 1 <= df.reps.max() < 50
+
+
+def test_grid_and_target_check():
+    specs = grid_specs(dtypes=("float32",), dropouts=(0.0, 0.1), shapes=((64, 32, 32, 4),))
+    df = race_grid(specs, reps=1)
+    summary = check_targets(df)
+    assert len(summary) == 2
+    assert {
+        "plan_over_frozen",
+        "plan_over_peft",
+        "pair_over_best",
+        "twin_spread",
+        "ok_frozen",
+        "ok_saved",
+    } <= set(summary.columns)
+    assert summary.ok_saved.all() and (summary.pair_over_best >= 1.0).all()
+    buf = io.StringIO()
+    # a grid saved with --csv and read back (quant "" becomes NaN) checks the same
+    df.to_csv(buf, index=False)
+    buf.seek(0)
+    assert len(check_targets(pd.read_csv(buf))) == 2
+
+
+def test_quantized_layer_race():
+    pytest.importorskip("bitsandbytes")
+    df = race_layer(LayerSpec(64, 64, 32, 4, quant="nf4"), reps=1, include_pairs=False)
+    assert set(df.candidate) == {"frozen", "peft", "runlora"}
+    assert df[df.candidate == "runlora"].iloc[0].saved_over_x == pytest.approx(1.0)
+
+
+def test_bad_spec_is_explained():
+    with pytest.raises(ValueError, match="quant must be"):
+        LayerSpec(quant="int4")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        LayerSpec(dtype="float8")
+
+
+def test_race_model_times_three_candidates_and_plans_every_module():
+    res = race_model("tiny-llama", batch=2, seq=32, r=4, reps=2)
+    assert list(res.times.columns) == MODEL_COLUMNS
+    assert list(res.times.candidate) == ["no adapters", "peft", "runlora"]
+    rl = res.times.set_index("candidate")
+    assert rl.loc["runlora", "saved_bytes"] < rl.loc["peft", "saved_bytes"]
+    assert rl.loc["peft", "ratio_peft"] == pytest.approx(1.0)
+    assert len(res.plans) == 2 * 7  # 2 layers × (q, k, v, o, gate, up, down)
+    assert (res.plans.fwd != "").all() and res.plans.tokens.eq(64).all()
+
+
+def test_xray_of_a_layer_names_what_each_side_keeps():
+    df = layer_saved_tensors(64, 32, 16, 4, dropout=0.1)
+    peft = df[(df.backend == "peft") & (df.kind != "parameter")]
+    ours = df[(df.backend == "runlora") & (df.kind != "parameter")]
+    assert set(ours.tensor) == {"X"}
+    assert set(peft.tensor) == {
+        "dropout mask",
+        "dropped copy D(X)",
+        "XA = X·A",
+    }  # PEFT's CPU mask is a float tensor
+    assert ours.bytes.sum() < peft.bytes.sum()
+
+
+def test_xray_and_memory_estimate_of_a_model():
+    df = compare_saved_tensors("tiny-llama", batch=1, seq=16, r=4, dropout=0.1)
+    per = df[df.kind != "parameter"].groupby("backend").bytes.sum()
+    assert per["runlora"] < per["peft"]
+    assert (df.module != "").any()
+    from runlora_nb.assets.zoo import load_model
+
+    model, _ = load_model("tiny-llama")
+    flags = [p.requires_grad for p in model.parameters()]
+    est = estimate_memory(model, batch=1, seq=16, r=4, dropout=0.1)
+    assert list(est.backend) == ["peft", "runlora"]
+    est = est.set_index("backend")
+    assert est.loc["runlora", "activation_bytes"] < est.loc["peft", "activation_bytes"]
+    assert est.loc["runlora", "weights_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags  # the caller's model is untouched
+    assert isinstance(est, pd.DataFrame) and not math.isnan(est.total_bytes.sum())

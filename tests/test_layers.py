@@ -1,0 +1,187 @@
+"""The package's layers: imports only point down, no module imports itself in a circle, no module is huge.
+
+Every import that runs counts, at module level or inside a function (a lazy import that points up is still a
+circle). Imports under ``if TYPE_CHECKING:`` never run and are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "runlora_nb"
+# bottom → top; a module may import its own layer and any layer to its left
+LAYERS = ("common", "core", "planning", "nn", "integrations", "assets", "measure", "tuning", "app")
+TOP = {"runlora_nb", "runlora_nb._compat"}  # the package facade sits above every layer
+MAX_LINES = 560  # "no module over ~500 lines", with a little room for docstrings
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_pkg: bool) -> list[str]:
+    """Absolute runlora_nb modules an ImportFrom names (``from . import x`` names the submodule x)."""
+    if node.level:
+        base = module.split(".") if is_pkg else module.split(".")[:-1]
+        base = base[: len(base) - node.level + 1]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not target.startswith("runlora_nb"):
+        return []
+    out = [target]
+    for alias in node.names:
+        candidate = f"{target}.{alias.name}"
+        if (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or (
+            ROOT / Path(*candidate.split(".")) / "__init__.py"
+        ).exists():
+            out.append(candidate)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        name = _module_name(path)
+        deps: set[str] = set()
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                deps.update(_resolve(name, node, path.name == "__init__.py"))
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("runlora_nb"))
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if module in TOP or len(parts) < 2:
+        return None
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else None
+
+
+def test_every_module_lives_in_a_known_layer():
+    strays = [m for m in import_graph() if m not in TOP and layer_of(m) is None]
+    assert not strays, f"modules outside the layers {LAYERS}: {strays} (move them into a layer package)"
+
+
+def test_imports_only_point_down():
+    upward = []
+    for module, deps in import_graph().items():
+        mine = layer_of(module)
+        if mine is None:
+            continue
+        for dep in deps:
+            theirs = layer_of(dep)
+            if dep in TOP or (theirs is not None and theirs > mine):
+                upward.append(f"{module} → {dep}")
+    assert not upward, "imports that point up a layer:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_circles():
+    graph = {m: {d for d in deps if d in import_graph_cache()} for m, deps in import_graph_cache().items()}
+    # a package's __init__ re-exporting its own modules is not a circle: drop edges from a module to its parents
+    for m, deps in graph.items():
+        graph[m] = {d for d in deps if not m.startswith(d + ".")}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import circles:\n" + "\n".join(" → ".join(c) for c in cycles)
+
+
+_GRAPH: dict[str, set[str]] | None = None
+
+
+def import_graph_cache() -> dict[str, set[str]]:
+    global _GRAPH
+    if _GRAPH is None:
+        _GRAPH = import_graph()
+    return _GRAPH
+
+
+def test_no_module_is_huge():
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in [*PKG.rglob("*.py"), *(ROOT / "widgets").rglob("*.py")]
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not big, f"modules over {MAX_LINES} lines (split them along their ideas): {big}"
+
+
+def test_every_layer_package_says_what_it_owns():
+    for layer in LAYERS:
+        doc = ast.get_docstring(ast.parse((PKG / layer / "__init__.py").read_text()))
+        assert doc and "may import" in doc.lower(), (
+            f"runlora_nb/{layer}/__init__.py must say what it owns and may import"
+        )
+
+
+@pytest.mark.parametrize(
+    ("old", "name"),
+    [
+        ("chains", "FORWARD"),
+        ("planner", "plan_chains"),
+        ("layer", "RunLoRALinear"),
+        ("inject", "apply_runlora"),
+        ("zoo", "load_model"),
+        ("data", "make_dataset"),
+        ("data", "load_text"),
+        ("bench", "race_layer"),
+        ("bench", "layer_saved_tensors"),
+        ("train", "FineTuner"),
+        ("train", "plan_table"),
+        ("cli", "main"),
+    ],
+)
+def test_old_flat_paths_still_import_for_one_release(old, name, monkeypatch):
+    monkeypatch.delitem(sys.modules, f"runlora_nb.{old}", raising=False)  # import afresh: it must warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(f"runlora_nb.{old}")
+    assert hasattr(module, name)
+    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
+
+
+def test_a_moved_module_is_the_same_object_at_its_old_path():
+    import runlora_nb.assets.zoo as new
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = importlib.import_module("runlora_nb.zoo")
+    assert old is new  # monkeypatching the old path patches the real module
