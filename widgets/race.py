@@ -17,6 +17,7 @@ import pandas as pd
 
 from runlora_nb.core.chains import valid_pairs
 from runlora_nb.measure import LayerSpec, Measurement, race_layer, race_model
+from runlora_nb.measure.layer_race import twin_names
 
 from ._util import BackgroundTask, Listeners
 
@@ -43,6 +44,9 @@ class RaceSettings:
         warmup: untimed rounds first.
         device: ``"cpu"`` or ``"cuda"`` (layer races; default CUDA when available; on CUDA the memory chart
             adds the allocator's peak).
+        noise_check: layer races only: race the planner's layer against three copies of itself (every
+            candidate the same layer), so the spread of the bars is the machine's noise, nothing else.
+        shuffle_seed: seed of the candidate order, shuffled every round.
     """
 
     source: str = "layer"
@@ -55,6 +59,8 @@ class RaceSettings:
     reps: int = 5
     warmup: int = 1
     device: str = field(default_factory=lambda: devices()[-1])  # CUDA when there is one
+    noise_check: bool = False
+    shuffle_seed: int = 0
 
     def spec(self) -> LayerSpec:
         return LayerSpec(
@@ -83,7 +89,13 @@ class RaceController:
         **settings: :class:`RaceSettings` fields.
 
     Events (``subscribe(fn)``, ``fn(kind, payload)``): ``"started"`` (candidate names), ``"measurement"`` (a
-    :class:`~runlora_nb.measure.Measurement`), ``"done"`` (the result DataFrame), ``"error"`` (traceback text).
+    :class:`~runlora_nb.measure.Measurement`), ``"round"`` (the round index, once all of that round's
+    measurements were delivered), ``"done"`` (the result DataFrame), ``"error"`` (traceback text).
+
+    Honest timing: measurements and ``"round"`` events are delivered between rounds, in the race thread, and
+    the next round starts only when every ``"round"`` subscriber returned. A view draws its chart in its
+    ``"round"`` handler (and may wait there for its front end), never from a timer that could fire while a
+    candidate is being timed.
     """
 
     def __init__(self, picker: Any = None, **settings: Any) -> None:
@@ -121,6 +133,8 @@ class RaceController:
             raise ValueError(f"source must be one of {SOURCES}, got {new.source!r}")
         if new.device not in devices():
             raise ValueError(f"device must be one of {devices()} here, got {new.device!r}")
+        if new.noise_check and new.source == "model":
+            raise ValueError("noise_check races one layer against copies of itself; use source='layer'")
         if new.reps < 1 or new.warmup < 0:
             raise ValueError(f"reps must be ≥ 1 and warmup ≥ 0, got reps={new.reps}, warmup={new.warmup}")
         new.spec()  # validates sizes and dtype
@@ -129,11 +143,13 @@ class RaceController:
 
     # ----------------------------------------------------------------------------------------- what races
     def expected_candidates(self, settings: RaceSettings | None = None) -> list[str]:
-        """Candidate names in the engine's order (frozen, peft, runlora, then every valid pair)."""
+        """Candidate names in the engine's order (frozen, peft, runlora, its twin, then every valid pair)."""
         s = settings or self.settings
         if s.source == "model":
             return list(MODEL_CANDIDATES)
-        return ["frozen", "peft", "runlora", *("+".join(p) for p in valid_pairs(s.dropout))]
+        if s.noise_check:
+            return ["runlora", *twin_names(3)]
+        return ["frozen", "peft", "runlora", *twin_names(1), *("+".join(p) for p in valid_pairs(s.dropout))]
 
     @property
     def total(self) -> int:
@@ -207,7 +223,9 @@ class RaceController:
                 reps=s.reps,
                 warmup=s.warmup,
                 on_measurement=self._measured,
+                on_round=self._round,
                 cancel=self._cancel.is_set,
+                shuffle_seed=s.shuffle_seed,
             )
             df, plans = out.times.copy(), out.plans
             df["model"] = c.model  # race_model names a given module by its class
@@ -216,8 +234,11 @@ class RaceController:
                 s.spec(),
                 reps=s.reps,
                 warmup=s.warmup,
+                noise_check=s.noise_check,
                 on_measurement=self._measured,
+                on_round=self._round,
                 cancel=self._cancel.is_set,
+                shuffle_seed=s.shuffle_seed,
             )
             plans = None
         with self._lock:
@@ -235,6 +256,9 @@ class RaceController:
             self.measurements[m.candidate] = m
             self.received += 1
         self.listeners.notify("measurement", m)
+
+    def _round(self, k: int) -> None:
+        self.listeners.notify("round", k)  # subscribers draw here; the next round waits for them
 
     def _failed(self, text: str) -> None:
         with self._lock:

@@ -13,13 +13,15 @@ from plotly.subplots import make_subplots
 
 from runlora_nb.app.report import COLORS
 
+from ._frame_sync import FrameSync
 from ._util import Panel, df_html, fmt_seconds, shape_sliders
 from .picker import DTYPE_CHOICES
 from .race import SOURCES, RaceController, devices
 
 __all__ = ["KIND_COLORS", "ChainRace"]
 
-KIND_COLORS = COLORS  # the HTML report's colours: floor / PEFT / plan / pair
+KIND_COLORS = COLORS  # the HTML report's colours: floor / PEFT / plan / twin / pair
+FRONTEND_WAIT_S = 2.0  # the longest a round waits for the browser to paint the previous one
 SAVED_COLOR, PEAK_COLOR = "#8e24aa", "#d81b60"
 _STYLE = {"style": {"description_width": "70px"}, "layout": widgets.Layout(width="330px")}
 
@@ -42,6 +44,10 @@ class ChainRace(Panel):
         figure: one ``go.FigureWidget``: time bars with IQR error bars, saved-activation bars (plus the
             allocator peak on CUDA), and predicted vs measured time.
         table: ``Output`` with the result DataFrame; ``export_out`` shows the CSV link.
+        noise_check: race the planner's layer against copies of itself (the machine's noise floor).
+        frame_sync: the invisible :class:`~runlora_nb.widgets._frame_sync.FrameSync`: after each round the
+            chart is drawn and the next round waits until the browser has painted it, so no redraw runs while
+            a candidate is timed.
     """
 
     def __init__(self, controller: RaceController | None = None, picker: Any = None) -> None:
@@ -66,6 +72,13 @@ class ChainRace(Panel):
         )
         self.reps = widgets.IntSlider(value=s.reps, min=1, max=30, description="rounds", **_STYLE)
         self.device = widgets.Dropdown(options=devices(), value=s.device, description="device", **_STYLE)
+        self.noise_check = widgets.Checkbox(
+            value=s.noise_check,
+            description="noise check",
+            tooltip="race the planner's layer against three copies of itself: the spread is the machine's noise",
+            indent=False,
+        )
+        self.frame_sync = FrameSync()
         self.race_button = widgets.Button(description="Race", icon="play", button_style="success")
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
@@ -94,6 +107,7 @@ class ChainRace(Panel):
             "dropout",
             "reps",
             "device",
+            "noise_check",
         )
         for name in names:
             self.on_change(getattr(self, name), lambda value, name=name: self._set(name, value))
@@ -110,7 +124,12 @@ class ChainRace(Panel):
                 "(<i>runlora</i>), PEFT and the frozen layer (the floor), interleaved round by round"
             ),
             self.source,
-            widgets.HBox([self.shape_box, widgets.VBox([self.dtype, self.dropout, self.reps, self.device])]),
+            widgets.HBox(
+                [
+                    self.shape_box,
+                    widgets.VBox([self.dtype, self.dropout, self.reps, self.device, self.noise_check]),
+                ]
+            ),
             widgets.HBox([self.race_button, self.cancel_button, self.progress]),
             self.status,
             self.figure,
@@ -118,6 +137,7 @@ class ChainRace(Panel):
             widgets.HBox([self.csv_path, self.export_button]),
             self.export_out,
             self.errors.widget,
+            self.frame_sync,
         ]
         self._show_source(s.source)
         self._draw()
@@ -255,8 +275,12 @@ class ChainRace(Panel):
                 self.errors.show(f"race: {payload}")
             else:
                 self._show_table()
-        else:
-            self._redraw()
+        elif kind == "round":
+            # between two rounds, in the race thread: draw now and let the next round start only once the
+            # browser has painted it (nothing of ours runs while a candidate is timed)
+            self._redraw.flush()
+            self.frame_sync.wait(FRONTEND_WAIT_S)
+        # "started": start() draws at once; "measurement": drawn at the end of its round, never from a timer during a timed call
 
     def _show_table(self) -> None:
         ctl = self.controller

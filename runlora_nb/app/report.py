@@ -27,7 +27,7 @@ __all__ = [
     "write_report",
 ]
 
-COLORS = {"floor": "#9e9e9e", "peft": "#ef6c00", "plan": "#2e7d32", "pair": "#1e88e5"}
+COLORS = {"floor": "#9e9e9e", "peft": "#ef6c00", "plan": "#2e7d32", "twin": "#81c784", "pair": "#1e88e5"}
 
 
 def _clean(v):

@@ -26,7 +26,15 @@ from ..planning.costmodel import get_model
 from ..planning.timing import Cancelled, interleaved
 from .spec import LAYER_COLUMNS, LayerSpec, Measurement
 
-__all__ = ["Candidate", "make_base", "measurement_of", "peft_layer", "race_layer", "runlora_layer"]
+__all__ = [
+    "Candidate",
+    "make_base",
+    "measurement_of",
+    "peft_layer",
+    "race_layer",
+    "runlora_layer",
+    "twin_names",
+]
 
 
 @dataclass
@@ -97,24 +105,31 @@ def runlora_layer(base: nn.Module, spec: LayerSpec, chain) -> RunLoRALinear:
     return layer
 
 
-def _candidates(spec: LayerSpec, include_pairs: bool, include_peft: bool) -> list[Candidate]:
+def twin_names(twins: int) -> list[str]:
+    """Names of the twin candidates: ``"twin"``, ``"twin 2"``, …"""
+    return ["twin" if k == 0 else f"twin {k + 1}" for k in range(twins)]
+
+
+def _candidates(
+    spec: LayerSpec, include_pairs: bool, include_peft: bool, twins: int = 1, include_frozen: bool = True
+) -> list[Candidate]:
     n, i, o, r = spec.shape
     needs = Needs(spec.x_requires_grad, True, True)
     base = make_base(spec)
     bd, ad = spec.dtype, (spec.adapter_dtype or spec.dtype)
     model = get_model(torch.device(spec.device).type, bd, ad)
     floor_flops = 2 * n * i * o * (2 if spec.x_requires_grad else 1)
-    cands = [Candidate("frozen", "floor", base, flops=floor_flops)]
+    cands = [Candidate("frozen", "floor", base, flops=floor_flops)] if include_frozen else []
     if include_peft:
         peft_flops = pair_flops("fwd1", "bwd1", n, i, o, r, needs) - 2 * n * i * r  # PEFT keeps XA
         cands.append(Candidate("peft", "peft", peft_layer(base, spec), "fwd1", "bwd1", peft_flops))
     plan_layer = runlora_layer(base, spec, spec.mode)
     plan = plan_layer.plan(n, needs)
-    cands.append(
-        Candidate(
-            "runlora", "plan", plan_layer, plan.fwd, plan.bwd, plan.flops, _predict(model, plan.pair, spec)
-        )
-    )
+    predicted = _predict(model, plan.pair, spec)
+    cands.append(Candidate("runlora", "plan", plan_layer, plan.fwd, plan.bwd, plan.flops, predicted))
+    # the twins: the very same layer timed again in every round, so the charts show the noise floor
+    for name in twin_names(twins):
+        cands.append(Candidate(name, "twin", plan_layer, plan.fwd, plan.bwd, plan.flops, predicted))
     if include_pairs:
         allow_merged = spec.torch_adapter_dtype.itemsize <= spec.torch_dtype.itemsize
         for pair in valid_pairs(spec.dropout, allow_merged=allow_merged):
@@ -175,14 +190,19 @@ def race_layer(
     warmup: int = 1,
     include_pairs: bool = True,
     include_peft: bool = True,
+    twins: int = 1,
+    noise_check: bool = False,
     on_measurement: Callable[[Measurement], None] | None = None,
+    on_round: Callable[[int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    shuffle_seed: int | None = 0,
 ) -> pd.DataFrame:
-    """Time forward + backward of every candidate for one layer, interleaved.
+    """Time forward + backward of every candidate for one layer, interleaved in a shuffled order each round.
 
     Candidates: the frozen layer (the floor), PEFT's LoRA layer, the planner's choice (``"runlora"``, a
-    ``RunLoRALinear`` with ``chain=spec.mode``) and, if ``include_pairs``, a ``RunLoRALinear`` fixed to each
-    valid chain pair.
+    ``RunLoRALinear`` with ``chain=spec.mode``), its twin(s) (the same layer timed again: the noise floor)
+    and, if ``include_pairs``, a ``RunLoRALinear`` fixed to each valid chain pair. A noise check races only
+    the planner's layer and its twins: every candidate is the same layer, so any spread is the machine's.
 
     Args:
         spec: shape and setting.
@@ -190,15 +210,25 @@ def race_layer(
         warmup: untimed rounds first.
         include_pairs: race every valid pair too.
         include_peft: race PEFT too (needs the ``peft`` package).
+        twins: copies of the planner's candidate (``"twin"``, ``"twin 2"``, …); 0 for none.
+        noise_check: race only ``"runlora"`` and its twins (at least 3); no frozen, PEFT or pair candidates.
         on_measurement: called with a :class:`Measurement` per candidate after each round (final=True in the
             last one).
+        on_round: called with the round index after that round's measurements were delivered and before the
+            next round starts (outside every timing): the place for a chart to draw and wait for its front end.
+        shuffle_seed: seed of the per-round candidate order (see :func:`~runlora_nb.planning.timing.interleaved`).
         cancel: polled between calls; when it returns True the race stops and the rounds done so far are
             returned, with ``df.attrs["cancelled"] = True``.
 
     Returns:
         A DataFrame with :data:`LAYER_COLUMNS`, one row per candidate, sorted by median time.
     """
-    cands = _candidates(spec, include_pairs, include_peft)
+    if twins < 0:
+        raise ValueError(f"race_layer: twins must be ≥ 0, got {twins}")
+    if noise_check:
+        cands = _candidates(spec, False, False, twins=max(twins, 3), include_frozen=False)
+    else:
+        cands = _candidates(spec, include_pairs, include_peft, twins=twins)
     gen = torch.Generator().manual_seed(2)
     n, i, o, _ = spec.shape
     x_dtype = spec.torch_dtype
@@ -226,10 +256,20 @@ def race_layer(
         for name, ts in samples.items():
             collected[name] = list(ts)
         emit(k, samples)
+        if on_round is not None:
+            on_round(k)
 
     try:
         with torch.random.fork_rng(devices=[]):
-            interleaved(steps, warmup=warmup, reps=reps, device=spec.device, cancel=cancel, on_round=keep)
+            interleaved(
+                steps,
+                warmup=warmup,
+                reps=reps,
+                device=spec.device,
+                cancel=cancel,
+                on_round=keep,
+                shuffle_seed=shuffle_seed,
+            )
     except Cancelled:
         cancelled = True
     df = _frame(spec, [measurement_of(by_name[name], ts, final=True) for name, ts in collected.items() if ts])

@@ -131,7 +131,9 @@ def race_model(
     reps: int = 5,
     warmup: int = 1,
     on_measurement: Callable[[Measurement], None] | None = None,
+    on_round: Callable[[int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    shuffle_seed: int | None = 0,
 ) -> ModelRace:
     """Time a whole training step (forward + backward) without adapters, with PEFT and with runlora_nb.
 
@@ -148,6 +150,8 @@ def race_model(
         reps: interleaved timed rounds.
         warmup: untimed rounds.
         on_measurement: called per candidate after each round.
+        on_round: called with the round index between rounds, outside every timing (a chart draws here).
+        shuffle_seed: seed of the per-round candidate order; ``None`` keeps a fixed order.
         cancel: polled between steps; stops early (``times.attrs["cancelled"]``).
 
     Returns:
@@ -177,10 +181,14 @@ def race_model(
                 collected[cname] = list(ts)
                 if on_measurement is not None:
                     on_measurement(measurement_of(cands[cname], ts, final=(k == reps - 1)))
+            if on_round is not None:
+                on_round(k)
 
         cancelled = False
         try:
-            interleaved(steps, warmup=warmup, reps=reps, cancel=cancel, on_round=keep)
+            interleaved(
+                steps, warmup=warmup, reps=reps, cancel=cancel, on_round=keep, shuffle_seed=shuffle_seed
+            )
         except Cancelled:
             cancelled = True
     med = {c: statistics.median(ts) for c, ts in collected.items() if ts}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 
@@ -10,7 +11,7 @@ import torch
 from ..core.chains import ALL, BACKWARD, FORWARD, Needs
 from ..core.function import CallSpec, lora_apply
 
-__all__ = ["Cancelled", "interleaved", "pair_step"]
+__all__ = ["Cancelled", "interleaved", "pair_step", "round_order"]
 
 
 class Cancelled(Exception):
@@ -30,8 +31,14 @@ def interleaved(
     device: torch.device | str = "cpu",
     cancel: Callable[[], bool] | None = None,
     on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+    shuffle_seed: int | None = 0,
 ) -> dict[str, list[float]]:
     """Time each candidate ``reps`` times, interleaved round by round, after ``warmup`` untimed rounds.
+
+    Honest by construction: nothing of ours runs while a call is timed (``on_round`` runs between rounds, so a
+    chart redraw or a front-end wait lands outside every timing), and the order of the candidates is shuffled
+    every round (seeded, so a race is reproducible), so no candidate always runs right after a redraw, first
+    in a cold cache or last in a hot one.
 
     Args:
         candidates: name → zero-arg callable (one full step each).
@@ -40,21 +47,24 @@ def interleaved(
         budget_s: stop after the round in which the timed total exceeds this (at least one round runs).
         device: CUDA devices are synchronised around each call.
         cancel: polled between calls; returning True raises :class:`Cancelled`.
-        on_round: called after each timed round with (round index, samples so far).
+        on_round: called after each timed round with (round index, samples so far), outside the timings.
+        shuffle_seed: seed of the per-round order (round ``k`` has its own seeded shuffle); ``None`` keeps
+            the given order every round.
 
     Returns:
         name → list of seconds (one per completed round).
     """
     sync = _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(warmup):
-        for fn in candidates.values():
+    for w in range(warmup):
+        for name in round_order(list(candidates), shuffle_seed, -1 - w):
             _check(cancel)
-            fn()
+            candidates[name]()
     sync()
     spent = 0.0
     for k in range(reps):
-        for name, fn in candidates.items():
+        for name in round_order(list(candidates), shuffle_seed, k):
+            fn = candidates[name]
             _check(cancel)
             t0 = time.perf_counter()
             fn()
@@ -67,6 +77,15 @@ def interleaved(
         if budget_s is not None and spent >= budget_s:
             break
     return samples
+
+
+def round_order(names: list[str], seed: int | None, k: int) -> list[str]:
+    """The order candidates run in round ``k``: a seeded shuffle, or ``names`` as given when ``seed`` is None."""
+    if seed is None:
+        return list(names)
+    order = list(names)
+    random.Random(seed * 1_000_003 + k).shuffle(order)
+    return order
 
 
 def _check(cancel: Callable[[], bool] | None) -> None:

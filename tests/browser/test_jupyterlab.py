@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOT = ROOT / os.environ.get("RUNLORA_NB_SCREENSHOT", "artifacts/dashboard.png")
 # the notebook's FAST race: a 256 x 128 -> 256 layer, no dropout: frozen, peft, runlora and every valid pair
-RACE_CANDIDATES = 3 + len(list(valid_pairs(0.0)))
+RACE_CANDIDATES = 4 + len(list(valid_pairs(0.0)))  # frozen, peft, runlora, twin + pairs
 
 
 def _free_port() -> int:

@@ -62,8 +62,8 @@ def test_dropout_race_has_only_valid_pairs_and_peft_keeps_more():
 def test_callback_fires_per_candidate_per_round_and_final_last():
     seen: list[Measurement] = []
     race_layer(SMALL, reps=3, include_pairs=False, on_measurement=seen.append)
-    assert len(seen) == 3 * 3  # frozen, peft, runlora × 3 rounds
-    assert [m.final for m in seen[-3:]] == [True] * 3 and not any(m.final for m in seen[:-3])
+    assert len(seen) == 4 * 3  # frozen, peft, runlora, its twin × 3 rounds
+    assert [m.final for m in seen[-4:]] == [True] * 4 and not any(m.final for m in seen[:-4])
     assert len(seen[-1].samples) == 3 and seen[0].median > 0 and seen[-1].iqr >= 0
 
 
@@ -72,7 +72,7 @@ def test_cancel_returns_partial_results():
 
     def cancel():
         calls["n"] += 1
-        return calls["n"] > 8  # warm-up is 3 calls, then stop in the second timed round
+        return calls["n"] > 8  # warm-up is 4 calls, one timed round is 4 more, then stop in the second
 
     df = race_layer(SMALL, reps=50, include_pairs=False, cancel=cancel)
     assert df.attrs["cancelled"] is True
@@ -103,7 +103,7 @@ def test_grid_and_target_check():
 def test_quantized_layer_race():
     pytest.importorskip("bitsandbytes")
     df = race_layer(LayerSpec(64, 64, 32, 4, quant="nf4"), reps=1, include_pairs=False)
-    assert set(df.candidate) == {"frozen", "peft", "runlora"}
+    assert set(df.candidate) == {"frozen", "peft", "runlora", "twin"}
     assert df[df.candidate == "runlora"].iloc[0].saved_over_x == pytest.approx(1.0)
 
 

@@ -19,10 +19,13 @@ def test_layer_race_fills_results_through_callbacks():
     ctl = RaceController(**SMALL_LAYER)
     events = []
     ctl.subscribe(lambda kind, payload: events.append(kind))
-    expected = ["frozen", "peft", "runlora", *("+".join(p) for p in valid_pairs(0.0))]
+    expected = ["frozen", "peft", "runlora", "twin", *("+".join(p) for p in valid_pairs(0.0))]
     assert ctl.expected_candidates() == expected and ctl.total == len(expected) * 2
     df = ctl.run()
     assert events[0] == "started" and events[-1] == "done"
+    assert events.count("round") == 2  # one per round, after that round's measurements
+    first_round = events.index("round")
+    assert events[1:first_round] == ["measurement"] * len(expected)
     assert events.count("measurement") == ctl.received == ctl.total
     assert set(ctl.measurements) == set(expected) == set(df["candidate"])
     assert list(df.columns) == LAYER_COLUMNS and not ctl.cancelled and not ctl.running
@@ -36,7 +39,7 @@ def test_dropout_rules_out_the_merged_pairs():
     ctl = RaceController(**{**SMALL_LAYER, "dropout": 0.1})
     df = ctl.run()
     assert not any("fwd2" in c or "bwd4" in c or "bwd5" in c for c in df["candidate"])
-    assert len(df) == 3 + len(list(valid_pairs(0.1)))
+    assert len(df) == 4 + len(list(valid_pairs(0.1)))
 
 
 def test_cancel_stops_early_with_partial_results():
@@ -67,7 +70,15 @@ def test_model_race_uses_the_picker(picker_ctl):
 
 def test_settings_are_validated():
     ctl = RaceController()
-    for bad in ({"source": "gpu"}, {"reps": 0}, {"tokens": 0}, {"dtype": "fp8"}, {"device": "tpu"}):
+    bad_settings = (
+        {"source": "gpu"},
+        {"reps": 0},
+        {"tokens": 0},
+        {"dtype": "fp8"},
+        {"device": "tpu"},
+        {"source": "model", "noise_check": True},
+    )
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             ctl.set(**bad)
     with pytest.raises(RuntimeError, match="picker"):
@@ -104,7 +115,7 @@ def test_view_race_draws_every_candidate(tmp_path):
         assert plus >= 0 and minus >= 0 and plus + minus == pytest.approx(iqr[c] * 1e3)
     saved = view.figure.data[SAVED]
     assert len(saved.x) == n and max(saved.x) > 0
-    assert len(view.figure.data[SCATTER].x) == n - 2  # pairs and plan have predictions
+    assert len(view.figure.data[SCATTER].x) == n - 2  # pairs, plan and twin have predictions
     assert len(view.figure.data[DIAGONAL].x) == 2
     assert view.progress.value == view.progress.max == n * 2
     assert "done" in view.status.value
@@ -178,3 +189,45 @@ def test_view_source_toggle_and_close(picker_ctl):
     tree = all_widgets(view)
     view.close()
     assert all(w.comm is None for w in tree) and view.figure.comm is None
+
+
+def test_noise_check_races_copies_of_one_layer():
+    ctl = RaceController(**SMALL_LAYER, noise_check=True)
+    assert ctl.expected_candidates() == ["runlora", "twin", "twin 2", "twin 3"]
+    df = ctl.run()
+    assert sorted(df["candidate"]) == sorted(ctl.expected_candidates())
+    assert set(df["kind"]) == {"plan", "twin"}
+    assert df[["fwd", "bwd"]].drop_duplicates().shape[0] == 1  # all the very same layer
+
+
+def test_view_never_draws_while_a_candidate_is_timed(monkeypatch):
+    """Honest race: the chart is drawn between rounds only, never during a timed call."""
+    from runlora_nb.measure import layer_race
+
+    timing = threading.Event()
+    real = layer_race.interleaved
+
+    def flagged(candidates, **kw):
+        def wrap(fn):
+            def timed():
+                timing.set()
+                try:
+                    fn()
+                finally:
+                    timing.clear()
+
+            return timed
+
+        return real({name: wrap(fn) for name, fn in candidates.items()}, **kw)
+
+    monkeypatch.setattr(layer_race, "interleaved", flagged)
+    view = ChainRace(RaceController(**{**SMALL_LAYER, "reps": 6}))
+    during = []
+    original = view._redraw.fn
+    view._redraw.fn = lambda: (during.append(timing.is_set()), original())
+    view.race_button.click()
+    assert view.controller.join(60)
+    assert view.errors.messages == []
+    assert len(during) >= 6 and not any(during)  # a draw per round, none inside a timed call
+    assert not view.frame_sync.watched  # no browser here: the rounds did not wait for one
+    view.close()
