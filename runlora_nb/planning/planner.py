@@ -17,6 +17,7 @@ import contextlib
 import json
 import statistics
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -80,6 +81,52 @@ class ChainPlan:
     @property
     def pair(self) -> tuple[str, str]:
         return self.fwd, self.bwd
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as a JSON-ready dict (what a run's config records); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ChainPlan:
+        """Read a plan written by :meth:`to_dict` (e.g. from a run's config), checking every field.
+
+        Args:
+            data: a mapping with at least ``fwd`` and ``bwd``; the other fields default to a pinned plan's.
+
+        Returns:
+            The plan.
+
+        Raises:
+            TypeError: ``data`` is not a mapping, or a field has the wrong type.
+            ValueError: unknown fields or chain ids.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"ChainPlan.from_dict: expected a dict from ChainPlan.to_dict(), got {type(data).__name__}"
+            )
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"ChainPlan.from_dict: unknown fields {sorted(unknown)}; expected {list(cls.__dataclass_fields__)}"
+            )
+        fwd, bwd = data.get("fwd"), data.get("bwd")
+        if fwd not in FORWARD or bwd not in BACKWARD:
+            raise ValueError(
+                f"ChainPlan.from_dict: unknown chain pair ({fwd!r}, {bwd!r}); fwd must be one of {sorted(FORWARD)} "
+                f"and bwd one of {sorted(BACKWARD)} (was the plan recorded by another runlora_nb version?)"
+            )
+        fields = {"mode": "explicit", "flops": 0, "predicted_s": None, "temp_bytes": 0, "reason": "pinned"}
+        fields.update({k: v for k, v in data.items() if k not in ("fwd", "bwd")})
+        types = {"mode": str, "flops": int, "temp_bytes": int, "reason": str}
+        for name, typ in types.items():
+            if not isinstance(fields[name], typ) or isinstance(fields[name], bool):
+                raise TypeError(
+                    f"ChainPlan.from_dict: field {name!r} must be {typ.__name__}, got {fields[name]!r}"
+                )
+        t = fields["predicted_s"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float)):
+            raise TypeError(f"ChainPlan.from_dict: field 'predicted_s' must be a number or None, got {t!r}")
+        return cls(fwd, bwd, **fields)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         t = "" if self.predicted_s is None else f", {self.predicted_s * 1e3:.3g} ms"
