@@ -14,9 +14,11 @@ the user cache dir, so later processes reuse them. A corrupt cache file is ignor
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import statistics
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -35,6 +37,16 @@ MODES: tuple[str, ...] = ("auto", "flops", "timed")
 _CACHE_FILE = "plans.json"
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("runlora_nb")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+_RUNLORA_VERSION = _package_version()
+
+
 @dataclass(frozen=True)
 class PlanKey:
     """Everything a plan depends on."""
@@ -51,6 +63,7 @@ class PlanKey:
     quant: str  # "" for float bases, else "nf4" / "fp4" / "int8"
     mode: str
     torch_version: str = torch.__version__
+    runlora_version: str = _RUNLORA_VERSION  # plans from another release are not reused
 
     def as_str(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
@@ -161,15 +174,42 @@ def _save_disk(key: PlanKey, plan: ChainPlan) -> None:
         atomic_write_text(cache_dir() / _CACHE_FILE, json.dumps(disk, indent=0, sort_keys=True))
 
 
+def _allow_merged(key: PlanKey) -> bool:
+    base, adapter = getattr(torch, key.base_dtype), getattr(torch, key.adapter_dtype)
+    return adapter.itemsize <= base.itemsize or not adapter.is_floating_point
+
+
 def _from_disk(key: PlanKey) -> ChainPlan | None:
+    """The stored plan for ``key`` if it is one the planner could have made for it, else None (with a warning).
+
+    A stored plan must parse, be a valid pair for the key (no merged chain with dropout or with adapters more
+    precise than the base), carry the key's mode and the FLOPs of that pair on the key's shape.
+    """
     raw = _load_disk().get(key.as_str())
-    if not isinstance(raw, dict):
+    if raw is None:
         return None
     try:
-        plan = ChainPlan(**raw)
-    except TypeError:
-        return None
-    return plan if plan.fwd in FORWARD and plan.bwd in BACKWARD else None
+        plan = ChainPlan.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        problem = str(err)
+    else:
+        valid = set(valid_pairs(0.1 if key.dropout else 0.0, allow_merged=_allow_merged(key)))
+        shape = (key.n_tokens, key.in_features, key.out_features, key.rank, key.needs)
+        if plan.pair not in valid:
+            problem = f"pair {'+'.join(plan.pair)} is not valid for it (dropout={key.dropout})"
+        elif plan.mode != key.mode:
+            problem = f"it was made in mode {plan.mode!r}, not {key.mode!r}"
+        elif plan.flops != pair_flops(*plan.pair, *shape):
+            problem = f"its FLOPs {plan.flops} are not those of {'+'.join(plan.pair)} on this shape"
+        else:
+            return plan
+    warnings.warn(
+        f"planner: ignoring the entry for {key.as_str()!r} in {cache_dir() / _CACHE_FILE}: {problem}; "
+        "planning again (delete the file to drop every stored plan)",
+        UserWarning,
+        stacklevel=4,
+    )
+    return None
 
 
 def clear_cache(disk: bool = False) -> None:
@@ -338,8 +378,7 @@ def plan_chains(
     with _lock:
         plan = _memory.get(key) or (_from_disk(key) if mode != "flops" else None)
         if plan is None:
-            allow_merged = adapter_dtype.itemsize <= dtype.itemsize or not adapter_dtype.is_floating_point
-            pairs = _candidates(dropout, allow_merged)
+            pairs = _candidates(dropout, _allow_merged(key))
             choose = {"flops": _by_flops, "auto": _by_model, "timed": _by_timing}[mode]
             plan = choose(key, pairs, dtype.itemsize)
             if mode != "flops":

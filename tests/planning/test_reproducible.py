@@ -123,3 +123,54 @@ def test_apply_runlora_accepts_a_recorded_plan_and_pin_plans_checks_first():
     with pytest.raises(ValueError, match="merges the adapter"):
         pin_plans(dropout_model, {**good, "2": plan})
     assert all(layer.chain == "auto" for _, layer in runlora_layers(dropout_model))  # nothing half-pinned
+
+
+# ------------------------------------------------------------------------------ plan cache checked (issue 14 #6)
+
+
+def _auto_key(dropout: bool) -> planner.PlanKey:
+    return planner.PlanKey(64, 32, 48, 4, planner.Needs(), "float32", "float32", "cpu", dropout, "", "auto")
+
+
+def test_an_edited_plan_cache_cannot_give_a_dropout_layer_a_merged_pair(fresh_cache):
+    key = _auto_key(True)
+    merged = ChainPlan("fwd2", "bwd4", "auto", 1, 1e-6, 0, "hand-edited").to_dict()
+    (cache_dir() / "plans.json").write_text(json.dumps({key.as_str(): merged}))
+    with pytest.warns(UserWarning, match="ignoring the entry.*not valid"):
+        plan = planner.plan_chains(64, 32, 48, 4, dropout=0.1, mode="auto")
+    assert plan.pair in set(valid_pairs(0.1)) and plan.reason != "hand-edited"
+    # the entry is replaced by a valid plan, so the next process does not warn again
+    assert json.loads((cache_dir() / "plans.json").read_text())[key.as_str()]["fwd"] == plan.fwd
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"mode": "timed"}, {"flops": 12345}, {"fwd": "fwd9"}, {"flops": "x"}],
+    ids=["wrong-mode", "wrong-flops", "unknown-chain", "bad-type"],
+)
+def test_plan_cache_entries_must_match_their_key(fresh_cache, edit):
+    key = _auto_key(False)
+    good = planner.plan_chains(64, 32, 48, 4, mode="flops")  # a real plan for this shape
+    entry = {**good.to_dict(), "mode": "auto", "reason": "hand-edited", **edit}
+    (cache_dir() / "plans.json").write_text(json.dumps({key.as_str(): entry}))
+    planner.clear_cache()
+    with pytest.warns(UserWarning, match="ignoring the entry"):
+        plan = planner.plan_chains(64, 32, 48, 4, mode="auto")
+    assert plan.reason != "hand-edited"
+
+
+def test_plans_from_another_runlora_version_are_not_reused(fresh_cache):
+    import runlora_nb
+
+    key = _auto_key(False)
+    assert key.runlora_version == runlora_nb.__version__ and runlora_nb.__version__ in key.as_str()
+    old = planner.PlanKey(**{**key.__dict__, "runlora_version": "0.0.1"})
+    stale = {**planner.plan_chains(64, 32, 48, 4, mode="flops").to_dict(), "mode": "auto", "reason": "stale"}
+    (cache_dir() / "plans.json").write_text(json.dumps({old.as_str(): stale}))
+    planner.clear_cache()
+    assert planner.plan_chains(64, 32, 48, 4, mode="auto").reason != "stale"
+    # while the same entry under this version's key is reused
+    (cache_dir() / "plans.json").write_text(json.dumps({key.as_str(): stale}))
+    planner.clear_cache()
+    planner._disk = None
+    assert planner.plan_chains(64, 32, 48, 4, mode="auto").reason == "stale"
