@@ -58,7 +58,8 @@ def rounding_bound(
       ``dtype`` per element, hence normwise, deterministically.
 
     Errors of products in series add to first order, so the bound is ``depth · (λ√k·u_acc + u)`` (or
-    ``depth · (γ_k + u)`` when ``deterministic``).
+    ``depth · (γ_k + u)`` when ``deterministic``). It is relative to ‖y‖ when the result does not cancel; for a
+    result of a few elements that may cancel, compare against the norm of the computation on absolute values.
 
     Args:
         dtype: storage dtype of the results and temporaries.
