@@ -26,6 +26,7 @@ from .integrations.inject import (
     runlora_layers,
     trainable_parameters,
 )
+from .integrations.plans import pin_plans, record_plans
 from .nn.layer import RunLoRALinear
 from .planning.planner import ChainPlan, plan_chains
 
@@ -49,7 +50,9 @@ __all__ = [
     "load_adapter",
     "lora_apply",
     "merge_and_unload",
+    "pin_plans",
     "plan_chains",
+    "record_plans",
     "runlora_layers",
     "save_adapter",
     "trainable_parameters",

@@ -1,4 +1,4 @@
-"""Common layer: the cache root and atomic file/folder writers every other layer uses.
+"""Common layer: the cache root and atomic file/folder writers every other layer uses, and rounding bounds.
 
-Owns :mod:`.paths`. May import nothing from runlora_nb.
+Owns :mod:`.paths` and :mod:`.numerics`. May import nothing from runlora_nb.
 """

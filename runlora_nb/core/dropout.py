@@ -19,7 +19,9 @@ exactly; it is folded into the adapter product's alpha, so D(X) here only zeroes
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -153,9 +155,29 @@ def _compile():
 
 
 def _numba_cache():
+    """numba's cache folder under the runlora_nb cache, or a private temporary folder when that one cannot be
+    written (a read-only cache): the kernels still work, they are only compiled again in each process."""
     from ..common.paths import cache_dir
 
-    return cache_dir("numba")
+    try:
+        path = cache_dir("numba")
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix="runlora-numba-")
+
+
+def _unavailable_message(err: Exception) -> str:
+    """The warning when the fused kernels cannot be built: the remedy depends on whether numba is installed."""
+    what = f"fused dropout kernels unavailable ({type(err).__name__}: {err}); using torch ops (same masks, slower)."
+    if importlib.util.find_spec("numba") is None:
+        return f"runlora_nb: {what} `pip install numba` restores them."
+    return (
+        f"runlora_nb: {what} numba is installed, so it failed to compile or cache them: check that "
+        f"NUMBA_CACHE_DIR ({os.environ.get('NUMBA_CACHE_DIR', 'unset')}) is writable, or point RUNLORA_NB_CACHE at a "
+        "writable folder."
+    )
 
 
 def _get_kernels():
@@ -167,12 +189,7 @@ def _get_kernels():
                     _kernels = _compile()
                 except Exception as err:  # numba missing or broken: the torch path gives the same masks
                     _kernels_failed = True
-                    warnings.warn(
-                        f"runlora_nb: fused dropout kernels unavailable ({type(err).__name__}: {err}); using "
-                        "torch ops (same masks, slower). `pip install numba` restores them.",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                    warnings.warn(_unavailable_message(err), RuntimeWarning, stacklevel=3)
     return _kernels
 
 

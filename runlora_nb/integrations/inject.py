@@ -229,7 +229,7 @@ def apply_runlora(
             f"apply_runlora: {type(model).__name__} already has RunLoRA layers ({existing[0]}, …); load new weights "
             "with load_adapter, or merge_and_unload first"
         )
-    _check_chain(chain, float(dropout), "apply_runlora")
+    checked_chain = _check_chain(chain, float(dropout), "apply_runlora")
     task = _task_type(model)
     if modules_to_save is None:
         modules_to_save = [
@@ -249,7 +249,7 @@ def apply_runlora(
             r=r,
             alpha=alpha,
             dropout=dropout,
-            chain=chain,
+            chain=checked_chain,
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
             init_lora_weights=init_lora_weights,
@@ -275,7 +275,7 @@ def apply_runlora(
         task_type=task,
         base_model_name_or_path=getattr(cfg, "_name_or_path", None) or None,
         fan_in_fan_out=conv1d,
-        chain=chain if isinstance(chain, str) else tuple(chain),
+        chain=checked_chain,
     )
     return model
 

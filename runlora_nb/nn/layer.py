@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,11 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _check_chain(chain: ChainArg, dropout: float, name: str) -> str | tuple[str, str]:
+def _check_chain(chain: ChainArg | ChainPlan | Mapping, dropout: float, name: str) -> str | tuple[str, str]:
+    if isinstance(chain, Mapping):  # a recorded plan (ChainPlan.to_dict()): pin its pair
+        chain = ChainPlan.from_dict(chain)
+    if isinstance(chain, ChainPlan):
+        chain = chain.pair
     if isinstance(chain, str):
         if chain not in MODES:
             raise ValueError(
@@ -64,8 +68,9 @@ class ChainDispatch:
         self._runlora_plans: dict[tuple, ChainPlan] = {}
         self._runlora_last_key: tuple | None = None
 
-    def set_chain(self, chain: ChainArg) -> None:
-        """Switch planner mode or pin a pair, e.g. ``layer.set_chain(("fwd1", "bwd1"))``."""
+    def set_chain(self, chain: ChainArg | ChainPlan | Mapping) -> None:
+        """Switch planner mode or pin a pair, e.g. ``layer.set_chain(("fwd1", "bwd1"))``, or a recorded plan
+        (a :class:`ChainPlan` or its ``to_dict()``)."""
         self.runlora_chain = _check_chain(chain, self._runlora_max_dropout(), self._runlora_name())
         self._runlora_specs.clear()
         self._runlora_plans.clear()
@@ -180,8 +185,8 @@ class RunLoRALinear(ChainDispatch, nn.Module):
         r: rank, > 0.
         alpha: LoRA alpha, > 0; the scaling is alpha / r (alpha / sqrt(r) with ``use_rslora``).
         dropout: adapter-path dropout probability in [0, 1); masks are regenerated in backward, never stored.
-        chain: ``"auto"`` (calibrated cost model), ``"flops"``, ``"timed"``, or an explicit pair such as
-            ``("fwd1", "bwd5")``.
+        chain: ``"auto"`` (calibrated cost model), ``"flops"``, ``"timed"``, an explicit pair such as
+            ``("fwd1", "bwd5")``, or a recorded plan (:class:`ChainPlan` or its ``to_dict()``) to pin its pair.
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
         adapter_dtype: dtype of ``lora_A`` / ``lora_B``; default as PEFT: fp32 on 16-bit and quantized bases.
         init_lora_weights: True (PEFT default: kaiming A, zero B), ``"gaussian"`` (A ~ N(0, 1/r)), or False

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,7 +37,16 @@ import torch
 from ..common.paths import atomic_write_text, cache_dir
 from ..core.chains import BACKWARD, FORWARD, Gemm, Needs
 
-__all__ = ["SKINNY_CLASSES", "CostModel", "calibrate", "dequant_per_element", "get_model", "recalibrate"]
+__all__ = [
+    "SKINNY_CLASSES",
+    "CostModel",
+    "calibrate",
+    "check_fields",
+    "default_model",
+    "dequant_per_element",
+    "get_model",
+    "recalibrate",
+]
 
 _FILE = "calibration.json"
 _VERSION = 4  # bump when the calibration's fields change
@@ -283,8 +294,72 @@ def _calibrate_isolated(device: str, base_dtype: str, adapter_dtype: str) -> Cos
     return result["model"]  # type: ignore[return-value]
 
 
+_RATES = ("base_flops", "adapter_flops", "elementwise_bw")  # divisors: finite and > 0
+_TIMES = ("overhead", "call_overhead", "mask_per_element")  # seconds: finite and >= 0
+RECALIBRATE_HINT = "run `runlora-nb plan --recalibrate` (or runlora_nb.planning.costmodel.recalibrate())"
+
+
+def _positive(v: object, allow_zero: bool = False) -> bool:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v >= 0 if allow_zero else v > 0)
+
+
+def check_fields(fields: object, device: str, base_dtype: str, adapter_dtype: str) -> str | None:
+    """What is wrong with a stored calibration (a dict of :class:`CostModel` fields), or None if it is usable."""
+    if not isinstance(fields, dict):
+        return f"expected a dict of CostModel fields, got {type(fields).__name__}"
+    expected = set(CostModel.__dataclass_fields__)
+    if set(fields) != expected:
+        return f"fields {sorted(set(fields) ^ expected)} missing or unknown"
+    if (fields["device"], fields["base_dtype"], fields["adapter_dtype"]) != (
+        device,
+        base_dtype,
+        adapter_dtype,
+    ):
+        return "it was made for another device or dtype"
+    for name in _RATES + _TIMES:
+        if not _positive(fields[name], allow_zero=name in _TIMES):
+            return f"{name}={fields[name]!r} (must be a finite number {'>= 0' if name in _TIMES else '> 0'})"
+    bw = fields["skinny_bw"]
+    if (
+        not isinstance(bw, dict)
+        or set(bw) != set(SKINNY_CLASSES)
+        or not all(_positive(v) for v in bw.values())
+    ):
+        return f"skinny_bw={bw!r} (must give a finite bandwidth > 0 for each of {SKINNY_CLASSES})"
+    return None
+
+
+def default_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
+    """Order-of-magnitude rates (a laptop CPU or a mid-range GPU), used when a calibration is unusable; the
+    plans then stay valid and near the fewest-FLOP ones, only less tuned to this machine."""
+    gpu = device != "cpu"
+    bw = 1e12 if gpu else 1e10
+    return CostModel(
+        device, base_dtype, adapter_dtype, 5e13 if gpu else 5e10, 5e13 if gpu else 5e10,
+        dict.fromkeys(SKINNY_CLASSES, bw), bw, 1e-5 if gpu else 5e-6, 2e-4 if gpu else 1e-4, 1e-11 if gpu else 1e-9,
+    )  # fmt: skip
+
+
+def _usable(fields: object, mkey: tuple[str, str, str], where: str) -> CostModel:
+    problem = check_fields(fields, *mkey)
+    if problem is None:
+        return CostModel(**fields)  # type: ignore[arg-type]
+    warnings.warn(
+        f"costmodel: the {mkey[0]} {mkey[1]}/{mkey[2]} calibration {where} is unusable ({problem}); planning with "
+        f"default rates for now. To measure this machine again, {RECALIBRATE_HINT}.",
+        UserWarning,
+        stacklevel=5,
+    )
+    return default_model(*mkey)
+
+
 def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
-    """The cost model for this device and dtypes: from memory, else the JSON cache, else calibrated now."""
+    """The cost model for this device and dtypes: from memory, else the JSON cache, else calibrated now.
+
+    A stored calibration with unusable values (zero, null or missing rates, say from a hand edit) is not used:
+    the planner falls back to :func:`default_model` with a warning that names the command to recalibrate.
+    """
     mkey = (device, base_dtype, adapter_dtype)
     model = _models.get(mkey)
     if model is not None:
@@ -294,10 +369,10 @@ def get_model(device: str, base_dtype: str, adapter_dtype: str) -> CostModel:
             return _models[mkey]
         stored = _read_stored()
         key = _cache_key(*mkey)
-        try:
-            model = CostModel(**stored[key])
-        except (KeyError, TypeError):
-            model = _calibrate_isolated(*mkey)
+        if key in stored:
+            model = _usable(stored[key], mkey, f"in {cache_dir() / _FILE}")
+        else:
+            model = _usable(asdict(_calibrate_isolated(*mkey)), mkey, "just measured")
             stored[key] = asdict(model)
             with contextlib.suppress(OSError):
                 atomic_write_text(cache_dir() / _FILE, json.dumps(stored, indent=1, sort_keys=True))

@@ -14,9 +14,12 @@ the user cache dir, so later processes reuse them. A corrupt cache file is ignor
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import statistics
 import threading
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -32,6 +35,16 @@ __all__ = ["MODES", "ChainPlan", "PlanKey", "clear_cache", "plan_chains"]
 Mode = Literal["flops", "auto", "timed"]
 MODES: tuple[str, ...] = ("auto", "flops", "timed")
 _CACHE_FILE = "plans.json"
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("runlora_nb")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+_RUNLORA_VERSION = _package_version()
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class PlanKey:
     quant: str  # "" for float bases, else "nf4" / "fp4" / "int8"
     mode: str
     torch_version: str = torch.__version__
+    runlora_version: str = _RUNLORA_VERSION  # plans from another release are not reused
 
     def as_str(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
@@ -80,6 +94,52 @@ class ChainPlan:
     @property
     def pair(self) -> tuple[str, str]:
         return self.fwd, self.bwd
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as a JSON-ready dict (what a run's config records); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ChainPlan:
+        """Read a plan written by :meth:`to_dict` (e.g. from a run's config), checking every field.
+
+        Args:
+            data: a mapping with at least ``fwd`` and ``bwd``; the other fields default to a pinned plan's.
+
+        Returns:
+            The plan.
+
+        Raises:
+            TypeError: ``data`` is not a mapping, or a field has the wrong type.
+            ValueError: unknown fields or chain ids.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"ChainPlan.from_dict: expected a dict from ChainPlan.to_dict(), got {type(data).__name__}"
+            )
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"ChainPlan.from_dict: unknown fields {sorted(unknown)}; expected {list(cls.__dataclass_fields__)}"
+            )
+        fwd, bwd = data.get("fwd"), data.get("bwd")
+        if fwd not in FORWARD or bwd not in BACKWARD:
+            raise ValueError(
+                f"ChainPlan.from_dict: unknown chain pair ({fwd!r}, {bwd!r}); fwd must be one of {sorted(FORWARD)} "
+                f"and bwd one of {sorted(BACKWARD)} (was the plan recorded by another runlora_nb version?)"
+            )
+        fields = {"mode": "explicit", "flops": 0, "predicted_s": None, "temp_bytes": 0, "reason": "pinned"}
+        fields.update({k: v for k, v in data.items() if k not in ("fwd", "bwd")})
+        types = {"mode": str, "flops": int, "temp_bytes": int, "reason": str}
+        for name, typ in types.items():
+            if not isinstance(fields[name], typ) or isinstance(fields[name], bool):
+                raise TypeError(
+                    f"ChainPlan.from_dict: field {name!r} must be {typ.__name__}, got {fields[name]!r}"
+                )
+        t = fields["predicted_s"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float)):
+            raise TypeError(f"ChainPlan.from_dict: field 'predicted_s' must be a number or None, got {t!r}")
+        return cls(fwd, bwd, **fields)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         t = "" if self.predicted_s is None else f", {self.predicted_s * 1e3:.3g} ms"
@@ -114,15 +174,42 @@ def _save_disk(key: PlanKey, plan: ChainPlan) -> None:
         atomic_write_text(cache_dir() / _CACHE_FILE, json.dumps(disk, indent=0, sort_keys=True))
 
 
+def _allow_merged(key: PlanKey) -> bool:
+    base, adapter = getattr(torch, key.base_dtype), getattr(torch, key.adapter_dtype)
+    return adapter.itemsize <= base.itemsize or not adapter.is_floating_point
+
+
 def _from_disk(key: PlanKey) -> ChainPlan | None:
+    """The stored plan for ``key`` if it is one the planner could have made for it, else None (with a warning).
+
+    A stored plan must parse, be a valid pair for the key (no merged chain with dropout or with adapters more
+    precise than the base), carry the key's mode and the FLOPs of that pair on the key's shape.
+    """
     raw = _load_disk().get(key.as_str())
-    if not isinstance(raw, dict):
+    if raw is None:
         return None
     try:
-        plan = ChainPlan(**raw)
-    except TypeError:
-        return None
-    return plan if plan.fwd in FORWARD and plan.bwd in BACKWARD else None
+        plan = ChainPlan.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        problem = str(err)
+    else:
+        valid = set(valid_pairs(0.1 if key.dropout else 0.0, allow_merged=_allow_merged(key)))
+        shape = (key.n_tokens, key.in_features, key.out_features, key.rank, key.needs)
+        if plan.pair not in valid:
+            problem = f"pair {'+'.join(plan.pair)} is not valid for it (dropout={key.dropout})"
+        elif plan.mode != key.mode:
+            problem = f"it was made in mode {plan.mode!r}, not {key.mode!r}"
+        elif plan.flops != pair_flops(*plan.pair, *shape):
+            problem = f"its FLOPs {plan.flops} are not those of {'+'.join(plan.pair)} on this shape"
+        else:
+            return plan
+    warnings.warn(
+        f"planner: ignoring the entry for {key.as_str()!r} in {cache_dir() / _CACHE_FILE}: {problem}; "
+        "planning again (delete the file to drop every stored plan)",
+        UserWarning,
+        stacklevel=4,
+    )
+    return None
 
 
 def clear_cache(disk: bool = False) -> None:
@@ -291,8 +378,7 @@ def plan_chains(
     with _lock:
         plan = _memory.get(key) or (_from_disk(key) if mode != "flops" else None)
         if plan is None:
-            allow_merged = adapter_dtype.itemsize <= dtype.itemsize or not adapter_dtype.is_floating_point
-            pairs = _candidates(dropout, allow_merged)
+            pairs = _candidates(dropout, _allow_merged(key))
             choose = {"flops": _by_flops, "auto": _by_model, "timed": _by_timing}[mode]
             plan = choose(key, pairs, dtype.itemsize)
             if mode != "flops":

@@ -93,7 +93,8 @@ def test_corrupt_cache_is_ignored_and_rewritten(fresh_cache):
     (cache_dir() / "plans.json").write_text(json.dumps({key: {"fwd": "fwd9", "bwd": "bwd1"}}))
     planner.clear_cache()
     planner._disk = None
-    assert planner.plan_chains(256, 128, 128, 4, mode="auto").fwd in FORWARD
+    with pytest.warns(UserWarning, match="ignoring the entry"):
+        assert planner.plan_chains(256, 128, 128, 4, mode="auto").fwd in FORWARD
 
 
 def test_cost_model_is_calibrated_and_cached(fresh_cache):

@@ -12,6 +12,7 @@ from testutil import rel_err
 
 from runlora_nb.assets.tokenized import make_dataset
 from runlora_nb.assets.zoo import load_model
+from runlora_nb.common.numerics import rounding_bound
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
 from runlora_nb.tuning import Callback, FineTuneConfig, FineTuner, enable_checkpointing, with_backend
 
@@ -43,6 +44,17 @@ def test_hf_trainer_runs_three_steps(tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def model_config():
+    return load_model("tiny-llama")[0].config
+
+
+def _fp32_bound(cfg) -> float:
+    """fp32 rounding bound of tiny-llama's logits and adapter gradients: k = its widest reduction, depth = the
+    matmuls in series forward and back (4 per layer each way, plus the head), see docs/numerics.md."""
+    k = max(cfg.hidden_size, cfg.intermediate_size)
+    return rounding_bound(torch.float32, k, 8 * cfg.num_hidden_layers + 2)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     def grads(checkpoint: bool):
@@ -63,7 +75,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     plain, ckpt = grads(False), grads(True)
     assert plain.keys() == ckpt.keys()
     for name in plain:  # recomputation regenerates the same dropout masks (checkpoint restores the RNG)
-        assert rel_err(ckpt[name], plain[name]) < 1e-5, name
+        assert rel_err(ckpt[name], plain[name]) <= 2 * _fp32_bound(model_config()), name
 
 
 @pytest.mark.parametrize(
@@ -149,7 +161,9 @@ def test_stop_from_a_callback_saves_an_adapter_peft_loads(tmp_path):
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     tuner.model.eval()
     with torch.no_grad():
-        assert rel_err(pm(input_ids=ids).logits, tuner.model(input_ids=ids).logits) < 1e-6
+        assert rel_err(pm(input_ids=ids).logits, tuner.model(input_ids=ids).logits) <= 2 * _fp32_bound(
+            base.config
+        )
 
 
 def test_stop_from_another_thread_ends_within_two_steps(tmp_path):
