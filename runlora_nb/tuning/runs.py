@@ -376,6 +376,10 @@ def load_run(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -
     )
 
 
+def _last(df: pd.DataFrame, col: str) -> float | None:
+    return float(df[col].dropna().iloc[-1]) if col in df and df[col].notna().any() else None
+
+
 def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Every run under the root, newest first.
 
@@ -389,9 +393,6 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
             continue
         run = load_run(path)
         c = run.config
-        last = lambda df, col: (
-            float(df[col].dropna().iloc[-1]) if col in df and df[col].notna().any() else None
-        )  # noqa: E731
         rows.append(
             {
                 "id": run.id,
@@ -404,8 +405,8 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
                 "lr": c.get("lr"),
                 "steps": c.get("steps"),
                 "step": int(run.steps.step.max()) if len(run.steps) else 0,
-                "train_loss": last(run.steps, "train_loss"),
-                "val_loss": last(run.evals, "val_loss"),
+                "train_loss": _last(run.steps, "train_loss"),
+                "val_loss": _last(run.evals, "val_loss"),
                 "started": pd.to_datetime(run.state.get("started"), unit="s") if run.state else None,
                 "path": str(run.path),
             }
