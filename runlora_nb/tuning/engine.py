@@ -425,7 +425,7 @@ class FineTuner:
             msg = f"{err}{kept}"
             end = EndEvent(self.step, self._stop.is_set(), None, time.perf_counter() - t0, val, msg, True)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        except Exception as err:
+        except BaseException as err:  # KeyboardInterrupt too: listeners learn the run ended (then re-raised)
             end = EndEvent(
                 self.step,
                 self._stop.is_set(),

@@ -260,10 +260,15 @@ class RunLedger(Callback):
         self._set_status(checkpoint_step=trainer.step)
 
     def on_end(self, trainer, event) -> None:
-        if event.stopped and event.error is None and event.step > self._status.get("checkpoint_step", -1):
-            self.on_checkpoint(trainer, event)  # Stop keeps a resumable state
+        if not (self.dir / "config.json").exists():  # failed before on_start: still a listed, failed run
+            _write_json(
+                self.dir / "config.json",
+                {"id": self.id, "config": asdict(trainer.config), "versions": _versions()},
+            )
         if getattr(event, "diverged", False):
             state = "diverged"
+        elif event.error and event.error.startswith("KeyboardInterrupt"):
+            state = "interrupted"
         elif event.error:
             state = "failed"
         else:

@@ -119,3 +119,20 @@ def test_cli_runs_list_show_compare_rm(two_runs, tmp_path, capsys):
     assert not victim.exists()
     with pytest.raises(ValueError, match="no run"):
         remove_run(victim.name, root)
+
+
+def test_a_run_failing_at_setup_or_interrupted_by_ctrl_c_is_listed_with_its_status(tmp_path):
+    bad = FineTuneConfig(**QUICK, dataset=str(tmp_path / "missing.txt"), runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the run is recorded as failed
+        FineTuner(bad).run()
+    (failed,) = list_runs(tmp_path / "runs").itertuples()
+    assert failed.status == "failed" and load_run(failed.id, tmp_path / "runs").state["message"]
+
+    class CtrlC:
+        def on_step(self, trainer, event):
+            raise KeyboardInterrupt
+
+    cfg = FineTuneConfig(**QUICK, steps=3, sample_prompts=(), runs_dir=str(tmp_path / "ctrl"))
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(cfg, [CtrlC()]).run()
+    assert list(list_runs(tmp_path / "ctrl").status) == ["interrupted"]
