@@ -165,3 +165,18 @@ class _no_warning:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+def test_a_run_whose_logits_stay_uniform_warns_end_to_end(tmp_path):
+    """Defect 14.3's second half: a loss sitting at ln(vocab) (here: a zeroed, frozen output head) got no warning."""
+    from runlora_nb.assets.zoo import load_model
+
+    model, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # every logit 0: the loss is exactly ln(vocab)
+    cfg = FineTuneConfig(**{**CFG, "steps": 4, "eval_interval": 0, "checkpoint_every": 0}, runs_dir=str(tmp_path),
+                         sample_prompts=())  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="ln\\(vocab\\)"):
+        res = FineTuner(cfg, model=(model, tok)).run()
+    assert len(res.warnings) == 1 and "steps 1-4" in res.warnings[0]
+    assert load_run(next(tmp_path.iterdir())).state["warnings"] == res.warnings
