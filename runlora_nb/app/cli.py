@@ -6,6 +6,7 @@ Examples:
     runlora-nb bench model --model llama-135m-shapes --batch 4 --seq 256 --rank 16 --dropout 0.05
     runlora-nb plan --tokens 4096 --in 768 --out 768 --rank 8
     runlora-nb demo --fast
+    runlora-nb train --model tiny-llama --steps 40 [--resume ID];  runlora-nb runs list|show|compare|rm
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import runs_cli
 from .tables import format_layer_table
 
 __all__ = ["format_layer_table", "main"]
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("artifacts"), help="report folder (default artifacts/)"
     )
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 40, --fast 20)")
+    runs_cli.add_parsers(sub)
     return parser
 
 
@@ -299,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bench", "layer"): _bench_layer,
         ("bench", "grid"): _bench_grid,
         ("bench", "model"): _bench_model,
+        **runs_cli.handlers(),
     }
     key = (args.command, getattr(args, "what", None))
     handler = (

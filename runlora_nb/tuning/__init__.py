@@ -1,14 +1,15 @@
 """Tuning layer: the fine-tuning engine and what grows around it (configs, events, runs, sweeps, evaluation, export).
 
-Owns: :mod:`.config` (:class:`FineTuneConfig`), :mod:`.events` (events, callbacks, results) and :mod:`.engine`
-(:class:`FineTuner`). May import common, core, planning, nn, integrations, assets and measure; never app or
+Owns: :mod:`.config` (:class:`FineTuneConfig`), :mod:`.events` (events, callbacks, results), :mod:`.engine`
+(:class:`FineTuner`), :mod:`.runs` (the run ledger), :mod:`.checkpoint` (resumable state) and :mod:`.guards`. May import common, core, planning, nn, integrations, assets and measure; never app or
 widgets. The loop emits events and never draws.
 """
 
 from .config import FineTuneConfig, with_backend
-from .engine import FineTuner, enable_checkpointing
+from .engine import DivergedError, FineTuner, enable_checkpointing
 from .events import (
     Callback,
+    CheckpointEvent,
     EndEvent,
     EvalEvent,
     PrintProgress,
@@ -17,18 +18,27 @@ from .events import (
     StepEvent,
     TrainResult,
 )
+from .runs import Run, RunLedger, compare, list_runs, load_run, remove_run
 
 __all__ = [
     "Callback",
+    "CheckpointEvent",
+    "DivergedError",
     "EndEvent",
     "EvalEvent",
     "FineTuneConfig",
     "FineTuner",
     "PrintProgress",
+    "Run",
+    "RunLedger",
     "SampleEvent",
     "StartEvent",
     "StepEvent",
     "TrainResult",
+    "compare",
     "enable_checkpointing",
+    "list_runs",
+    "load_run",
+    "remove_run",
     "with_backend",
 ]

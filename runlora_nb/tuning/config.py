@@ -40,6 +40,9 @@ class FineTuneConfig:
         sample_prompts: prompts generated from before and after training (causal LM tasks).
         sample_tokens: new tokens per sample.
         gradient_checkpointing: recompute transformer blocks in backward (less memory, more time).
+        checkpoint_every: save a resumable checkpoint every this many steps (and always at Stop); 0: only at
+            Stop.
+        runs_dir: root of the run ledger (default ``$RUNLORA_NB_RUNS``, else the cache's ``runs/``).
     """
 
     model: str = "smollm2-135m"
@@ -69,6 +72,8 @@ class FineTuneConfig:
     sample_prompts: tuple[str, ...] = ("Shall I compare thee to a summer's day?",)
     sample_tokens: int = 24
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 20
+    runs_dir: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -5,14 +5,21 @@ State and events are separate from outputs (livelossplot / minGPT style): :class
 a progress printer, a plotly panel, a test — draws. :meth:`FineTuner.stop` may be called from a callback or
 another thread; the loop checks it between steps, saves the adapter and ends cleanly. The same config and
 seed give the same run.
+
+Every run is recorded by a :class:`~runlora_nb.tuning.runs.RunLedger` callback into a run folder (config,
+metrics, samples, status, checkpoints every ``checkpoint_every`` steps and at Stop); :meth:`FineTuner.resume`
+continues an interrupted or stopped run from its last checkpoint. A NaN/inf loss or gradient ends the run as
+*diverged* without saving the adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,13 @@ from torch import nn
 
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
-from .events import EndEvent, EvalEvent, SampleEvent, StartEvent, StepEvent, TrainResult
+from .events import CheckpointEvent, EndEvent, EvalEvent, SampleEvent, StartEvent, StepEvent, TrainResult
 
-__all__ = ["FineTuner", "enable_checkpointing"]
+__all__ = ["DivergedError", "FineTuner", "enable_checkpointing"]
+
+
+class DivergedError(ValueError):
+    """The loss or the gradient norm became NaN/inf (the run ends as *diverged*)."""
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -71,6 +82,12 @@ class FineTuner:
         callbacks: :class:`Callback` objects (or anything with some of the ``on_*`` methods).
         model: optional prepared (model, tokenizer) pair to train instead of loading ``config.model`` (its
             adapters are added by the trainer).
+        resume: a run id (or run folder) to continue from its last checkpoint; ``config`` must be that run's
+            (use :meth:`resume` to read it from the run).
+        ledger: record the run into the run ledger (``config.runs_dir``); False: no run folder.
+
+    Raises:
+        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint.
 
     Example:
         >>> tuner = FineTuner(FineTuneConfig(model="tiny-llama", steps=20), [PrintProgress()])
@@ -82,9 +99,25 @@ class FineTuner:
         config: FineTuneConfig,
         callbacks: Sequence[Any] = (),
         model: tuple[nn.Module, Any] | None = None,
+        *,
+        resume: str | Path | None = None,
+        ledger: bool = True,
     ) -> None:
+        from .checkpoint import load_checkpoint
+        from .guards import UniformLossGuard
+        from .runs import run_dir
+
+        if config.checkpoint_every < 0:
+            raise ValueError(
+                f"FineTuner: checkpoint_every must be >= 0 (0: only at Stop), got {config.checkpoint_every}"
+            )
         self.config = config
-        self.callbacks: list[Any] = list(callbacks)
+        self.callbacks: list[Any] = [UniformLossGuard(), *callbacks]
+        self.run_dir: Path | None = run_dir(resume, config.runs_dir) if resume is not None else None
+        self._resume_state = load_checkpoint(self.run_dir) if self.run_dir is not None else None
+        self._ledger = ledger or resume is not None
+        self._data_pos = (0, 0)  # (epoch, next batch index in it)
+        self._saved_bytes: int | None = None
         self._given = model
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,6 +127,22 @@ class FineTuner:
         self.step = 0
         self.running = False
         self.label_names: tuple[str, ...] = ()
+
+    @classmethod
+    def resume(
+        cls, run_id: str | Path, callbacks: Sequence[Any] = (), runs_dir: str | None = None
+    ) -> FineTuner:
+        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint."""
+        from .runs import load_run
+
+        run = load_run(run_id, runs_dir)
+        return cls(run.fine_tune_config(), callbacks, resume=run.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable state between steps (see :func:`runlora_nb.tuning.checkpoint.trainer_state`)."""
+        from .checkpoint import trainer_state
+
+        return trainer_state(self)
 
     # -------------------------------------------------------------------------------------------- control
     def add_callback(self, callback: Any) -> None:
@@ -204,12 +253,16 @@ class FineTuner:
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         from ..assets.tokenized import batches
 
-        epoch = 0
+        epoch, skip = self._data_pos
         while True:
-            yield from batches(
+            it = batches(
                 self.train_set, self.config.batch_size, seed=self.config.seed + epoch, drop_last=True
             )
-            epoch += 1
+            for k, batch in enumerate(it):
+                if k >= skip:
+                    self._data_pos = (epoch, k + 1)
+                    yield batch
+            epoch, skip = epoch + 1, 0
             if len(self.train_set) < self.config.batch_size:
                 raise ValueError(
                     f"FineTuner: {len(self.train_set)} training rows cannot fill batch_size={self.config.batch_size}"
@@ -282,23 +335,56 @@ class FineTuner:
         return event
 
     def save_adapter(self, directory: str | Path | None = None) -> Path:
-        """Save the adapter in PEFT's format (default: ``config.output_dir`` or a fresh run folder)."""
-        from ..common.paths import cache_dir
+        """Save the adapter in PEFT's format (default: ``config.output_dir``, else the run folder's ``adapter/``).
+
+        Raises:
+            DivergedError: the adapter holds NaN/inf values (it is not written).
+        """
         from ..integrations.adapters import save_adapter
+        from .checkpoint import adapter_is_finite
+        from .runs import new_run_dir
 
         cfg = self.config
+        if not adapter_is_finite(self):
+            raise DivergedError(f"FineTuner: the adapter holds NaN/inf values at step {self.step}; not saved")
+        if directory is None and cfg.output_dir is None and self.run_dir is not None:
+            directory = self.run_dir / "adapter"
         if directory is None:
-            directory = cfg.output_dir or cache_dir("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.backend}")
+            directory = cfg.output_dir or new_run_dir(cfg.backend, cfg.runs_dir)
         return save_adapter(self.model, directory)
 
+    def _open_run(self) -> None:
+        """Subscribe the run ledger (a fresh unique run folder, or the resumed one)."""
+        from .runs import RunLedger, new_run_dir
+
+        if not self._ledger or any(isinstance(cb, RunLedger) for cb in self.callbacks):
+            return
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.config.backend, self.config.runs_dir)
+        step = self._resume_state["step"] if self._resume_state is not None else None
+        self.callbacks.append(RunLedger(self.run_dir, resume_step=step))
+
+    def _checkpoint(self) -> None:
+        from .checkpoint import adapter_is_finite
+
+        if adapter_is_finite(self):  # a non-finite state is never written over the last good one
+            self._emit("on_checkpoint", CheckpointEvent(self.step))
+            self._checkpoint_step = self.step
+
     def run(self) -> TrainResult:
-        """Train for ``config.steps`` steps (or until :meth:`stop`), emitting events; returns the history."""
+        """Train for ``config.steps`` steps (or until :meth:`stop`), emitting events; returns the history.
+
+        A NaN/inf loss or gradient ends the run early as diverged (``history.end.diverged``, a RuntimeWarning,
+        no adapter saved; the last good checkpoint stays). Other errors are re-raised after ``on_end``.
+        """
         cfg = self.config
         self.running = True
         self._stop.clear()
         t0 = time.perf_counter()
         val: float | None = None
+        self._checkpoint_step: int | None = None
         try:
+            self._open_run()
             self.prepare()
             from ..integrations.inject import trainable_parameters
 
@@ -307,19 +393,39 @@ class FineTuner:
                 "on_start",
                 StartEvent(cfg, counts.trainable, counts.total, len(self.train_set), len(self.val_set)),
             )
-            self._sample("before")
-            val = self._eval().val_loss
+            if self._resume_state is not None:
+                from .checkpoint import restore_trainer
+
+                restore_trainer(self, self._resume_state)  # RNG states last: the next step is the lost one
+                self._resume_state, self._checkpoint_step = None, self.step
+                val = self.history.evals[-1].val_loss if self.history.evals else None
+            else:
+                self._sample("before")
+                val = self._eval().val_loss
             batches = self._batches()
             while self.step < cfg.steps and not self._stop.is_set():
                 self._train_step(batches, t0)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
                     val = self._eval().val_loss
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self._checkpoint()
+            if self._stop.is_set() and self.step < cfg.steps and self._checkpoint_step != self.step:
+                self._checkpoint()  # Stop keeps a resumable state
             if not self.history.evals or self.history.evals[-1].step != self.step:
                 val = self._eval().val_loss
             self._sample("after")
             adapter = str(self.save_adapter())
             end = EndEvent(self.step, self._stop.is_set(), adapter, time.perf_counter() - t0, val)
-        except Exception as err:
+        except DivergedError as err:
+            kept = (
+                f"; the last good checkpoint (step {self._checkpoint_step}) stays in {self.run_dir}"
+                if self._checkpoint_step is not None
+                else ""
+            )
+            msg = f"{err}{kept}"
+            end = EndEvent(self.step, self._stop.is_set(), None, time.perf_counter() - t0, val, msg, True)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        except BaseException as err:  # KeyboardInterrupt too: listeners learn the run ended (then re-raised)
             end = EndEvent(
                 self.step,
                 self._stop.is_set(),
@@ -341,21 +447,47 @@ class FineTuner:
         cfg = self.config
         start = time.perf_counter()
         total, tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
+        for k in range(cfg.grad_accum):
             batch = next(batches)
-            loss, _ = self._loss(batch)
+            if self._saved_bytes is None and k == 0 and not cfg.gradient_checkpointing:
+                from ..core.memory import SavedTensorRecorder
+
+                with SavedTensorRecorder(
+                    self.model
+                ) as rec:  # once: every step saves the same (shapes are fixed)
+                    loss, _ = self._loss(batch)
+                self._saved_bytes = rec.activation_bytes()
+            else:
+                loss, _ = self._loss(batch)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
         norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
+        if not (math.isfinite(total) and math.isfinite(float(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = (
+                f"the loss is {total}" if not math.isfinite(total) else f"the gradient norm is {float(norm)}"
+            )
+            raise DivergedError(
+                f"FineTuner: the run diverged at step {self.step + 1}: {what} (lr {lr:.3g}); lower the "
+                f"learning rate (e.g. lr={cfg.lr / 10:.3g}) or keep max_grad_norm on; the adapter was not saved"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - start
         event = StepEvent(
-            self.step, total, lr, float(norm), tokens, tokens / dt, dt, time.perf_counter() - t0
-        )
+            self.step, total, lr, float(norm), tokens, tokens / dt, dt, time.perf_counter() - t0,
+            self._saved_bytes, _peak_memory(),
+        )  # fmt: skip
         self.history.steps.append(event)
         self._emit("on_step", event)
+
+
+def _peak_memory() -> int:
+    """Peak bytes so far: CUDA's allocator peak when CUDA is in use, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Callback",
+    "CheckpointEvent",
     "EndEvent",
     "EvalEvent",
     "PrintProgress",
@@ -54,6 +55,8 @@ class StepEvent:
     tokens_per_s: float
     step_s: float
     elapsed_s: float
+    saved_bytes: int | None = None
+    peak_mem_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,14 @@ class EndEvent:
     elapsed_s: float
     val_loss: float | None
     error: str | None = None
+    diverged: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """Emitted between steps when a resumable state is due (every ``checkpoint_every`` steps and at Stop)."""
+
+    step: int
 
 
 class Callback:
@@ -97,6 +108,8 @@ class Callback:
     def on_step(self, trainer: FineTuner, event: StepEvent) -> None: ...
 
     def on_eval(self, trainer: FineTuner, event: EvalEvent) -> None: ...
+
+    def on_checkpoint(self, trainer: FineTuner, event: CheckpointEvent) -> None: ...
 
     def on_end(self, trainer: FineTuner, event: EndEvent) -> None: ...
 
@@ -127,7 +140,8 @@ class PrintProgress(Callback):
         print(f"[{event.stage}] {event.prompt!r} → {event.text!r}")
 
     def on_end(self, trainer, event):
-        how = "stopped" if event.stopped else ("failed: " + event.error if event.error else "done")
+        failed = ("diverged: " if event.diverged else "failed: ") + (event.error or "")
+        how = failed if event.error else ("stopped" if event.stopped else "done")
         print(f"{how} at step {event.step} in {event.elapsed_s:.1f} s; adapter: {event.adapter_dir}")
 
 
@@ -140,6 +154,7 @@ class TrainResult:
     evals: list[EvalEvent] = field(default_factory=list)
     samples: list[SampleEvent] = field(default_factory=list)
     end: EndEvent | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def losses(self) -> pd.DataFrame:
         """Tidy per-step table: step, loss, lr, tokens_per_s, elapsed_s, backend."""

@@ -1,0 +1,535 @@
+"""The run ledger: every fine-tune is a folder under one root, readable after the kernel (or the process) is gone.
+
+A run folder ``<root>/<run id>/`` holds:
+
+- ``config.json``: the full :class:`FineTuneConfig`, library versions and the chain plan of each layer;
+- ``metrics.jsonl``: one JSON line per optimizer step (``kind: "step"``: train loss, lr, grad norm, tokens/s,
+  step time, saved bytes, peak memory) and per evaluation (``kind: "eval"``: val loss, perplexity, accuracy);
+- ``samples.jsonl``: generations before and after training;
+- ``checkpoint/state.pt``: the latest resumable state (see :mod:`.checkpoint`);
+- ``adapter/``: the final adapter in PEFT's format (unless the config names another ``output_dir``);
+- ``status.json``: running / finished / stopped / failed / diverged, the pid, the message and the adapter path.
+
+JSON files are written through a temporary file and ``os.replace``; metrics are appended one whole line per
+write and a torn last line (a kill mid-write) is skipped on reading. A run whose status says running but whose
+process is gone is reported as ``interrupted``. :class:`RunLedger` is an ordinary callback of the engine: the
+training loop knows nothing about files. The root is ``FineTuneConfig.runs_dir``, else ``$RUNLORA_NB_RUNS``,
+else ``<cache>/runs``. Plotly figures are plain dict specs (no plotly import).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..common.paths import atomic_write_text, cache_dir
+from .config import FineTuneConfig
+from .events import Callback
+
+__all__ = [
+    "STATUSES",
+    "Comparison",
+    "Run",
+    "RunLedger",
+    "compare",
+    "config_from_dict",
+    "list_runs",
+    "load_run",
+    "new_run_dir",
+    "remove_run",
+    "run_dir",
+    "runs_root",
+]
+
+STATUSES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
+_LIBRARIES = ("runlora_nb", "torch", "transformers", "peft", "numpy", "bitsandbytes", "safetensors")
+_ACTIVE: set[str] = set()  # run ids being written by this process (a live kernel keeps its pid)
+
+
+def runs_root(root: str | os.PathLike | None = None) -> Path:
+    """The ledger's root folder (created): ``root``, else ``$RUNLORA_NB_RUNS``, else ``<cache>/runs``."""
+    if root is None and os.environ.get("RUNLORA_NB_RUNS"):
+        root = os.environ["RUNLORA_NB_RUNS"]
+    if root is None:
+        return cache_dir("runs")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_dir(backend: str, root: str | os.PathLike | None = None) -> Path:
+    """Create a fresh, unique run folder ``<root>/<YYYYmmdd-HHMMSS>-<backend>-<8 hex>``.
+
+    Two runs started in the same second get different ids (random suffix), and the folder is created with
+    ``exist_ok=False``, so a run never writes into another's folder.
+    """
+    base = runs_root(root)
+    for _ in range(8):
+        path = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir(exist_ok=False)
+            return path
+        except FileExistsError:  # pragma: no cover - 32 random bits colliding
+            continue
+    raise RuntimeError(f"runs.new_run_dir: could not create a unique run folder under {base}")
+
+
+def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The folder of run ``run_id`` (an id under the root, or a path to a run folder).
+
+    Raises:
+        ValueError: no such run; the message lists where it looked.
+    """
+    given = Path(run_id)
+    if (given / "status.json").exists() or (given / "config.json").exists():
+        return given
+    path = runs_root(root) / str(run_id)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+        )
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, tuple | set):
+        return list(v)
+    return str(v)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf become None in JSON lines (json.dumps would write bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def config_from_dict(data: dict) -> FineTuneConfig:
+    """A :class:`FineTuneConfig` from ``config.json``'s ``config`` entry (unknown keys are dropped)."""
+    known = FineTuneConfig.__dataclass_fields__
+    kwargs = {k: v for k, v in data.items() if k in known}
+    for key in ("targets", "sample_prompts"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return FineTuneConfig(**kwargs)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _effective_status(status: dict, run_id: str) -> str:
+    state = status.get("status", "interrupted")
+    if state != "running":
+        return state
+    pid, host = status.get("pid"), status.get("host")
+    if host not in (None, socket.gethostname()):
+        return "running"  # another machine's run: cannot tell
+    if pid == os.getpid():
+        return "running" if run_id in _ACTIVE else "interrupted"
+    return "running" if isinstance(pid, int) and _pid_alive(pid) else "interrupted"
+
+
+# ------------------------------------------------------------------------------------------------- writer
+
+
+class RunLedger(Callback):
+    """Engine callback that records a run into its folder (config, metrics, samples, status).
+
+    Args:
+        directory: the run folder (from :func:`new_run_dir`, or an existing run's folder to resume).
+        resume_step: when resuming, the checkpoint's step: metric lines after it are dropped (they are re-run).
+    """
+
+    def __init__(self, directory: str | os.PathLike, resume_step: int | None = None) -> None:
+        self.dir = Path(directory)
+        self.id = self.dir.name
+        self.resume_step = resume_step
+        self._plans_written = False
+        self._status: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _append(self, name: str, record: dict) -> None:
+        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        with open(self.dir / name, "a", encoding="utf-8") as fh:
+            fh.write(line)  # one write per line: a kill tears at most the last line, which readers skip
+            fh.flush()
+
+    def _set_status(self, **fields: Any) -> None:
+        self._status.update(fields, updated=time.time())
+        _write_json(self.dir / "status.json", self._status)
+
+    def _truncate(self, name: str, step: int) -> None:
+        path = self.dir / name
+        if path.exists():
+            keep = [r for r in _read_lines(path) if r.get("step", 0) <= step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    # ---------------------------------------------------------------------------------- events
+    def on_start(self, trainer, event) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _ACTIVE.add(self.id)
+        old = _read_json(self.dir / "config.json")
+        _write_json(
+            self.dir / "config.json",
+            {
+                "id": self.id,
+                "config": asdict(event.config),
+                "versions": _versions(),
+                "plans": old.get("plans", []),
+                "trainable_params": event.trainable_params,
+                "total_params": event.total_params,
+                "train_rows": event.train_rows,
+                "val_rows": event.val_rows,
+            },
+        )
+        if self.resume_step is not None:
+            self._truncate("metrics.jsonl", self.resume_step)
+            self._status = _read_json(self.dir / "status.json")
+        self._set_status(
+            status="running",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=self._status.get("started", time.time()),
+            resumed_from=self.resume_step,
+            message=None,
+        )
+
+    def on_step(self, trainer, event) -> None:
+        record = {"kind": "step", **asdict(event)}
+        record["train_loss"] = record.pop("loss")
+        self._append("metrics.jsonl", record)
+        if not self._plans_written:  # plans exist once the first step ran every layer
+            self._plans_written = True
+            cfg = _read_json(self.dir / "config.json")
+            plans = trainer.plans
+            cfg["plans"] = json.loads(plans.to_json(orient="records")) if len(plans) else []
+            _write_json(self.dir / "config.json", cfg)
+
+    def on_eval(self, trainer, event) -> None:
+        self._append("metrics.jsonl", {"kind": "eval", **asdict(event)})
+
+    def on_sample(self, trainer, event) -> None:
+        self._append("samples.jsonl", {"step": trainer.step, **asdict(event)})
+
+    def on_checkpoint(self, trainer, event) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self.dir, trainer.state_dict())
+        self._set_status(checkpoint_step=trainer.step)
+
+    def on_end(self, trainer, event) -> None:
+        if not (self.dir / "config.json").exists():  # failed before on_start: still a listed, failed run
+            _write_json(
+                self.dir / "config.json",
+                {"id": self.id, "config": asdict(trainer.config), "versions": _versions()},
+            )
+        if getattr(event, "diverged", False):
+            state = "diverged"
+        elif event.error and event.error.startswith("KeyboardInterrupt"):
+            state = "interrupted"
+        elif event.error:
+            state = "failed"
+        else:
+            state = "stopped" if event.stopped else "finished"
+        self._set_status(
+            status=state,
+            step=event.step,
+            message=event.error,
+            warnings=list(getattr(trainer.history, "warnings", [])),
+            adapter_dir=event.adapter_dir,
+            elapsed_s=event.elapsed_s,
+            val_loss=event.val_loss,
+            ended=time.time(),
+        )
+        _ACTIVE.discard(self.id)
+
+
+# ------------------------------------------------------------------------------------------------- reader
+
+
+def _read_lines(path: Path) -> list[dict]:
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return out
+
+
+@dataclass
+class Run:
+    """One run read back from its folder.
+
+    Attributes:
+        id: the folder name.
+        path: the folder.
+        status: running / finished / stopped / failed / diverged / interrupted.
+        config: the FineTuneConfig as a dict.
+        info: the rest of config.json (versions, plans, parameter counts).
+        state: status.json as written.
+        steps: per-step metrics (step, train_loss, lr, grad_norm, tokens_per_s, step_s, saved_bytes,
+            peak_mem_bytes, …).
+        evals: per-evaluation metrics (step, val_loss, perplexity, accuracy).
+        samples: generations (stage, prompt, text, step).
+    """
+
+    id: str
+    path: Path
+    status: str
+    config: dict
+    info: dict
+    state: dict
+    steps: pd.DataFrame = field(repr=False)
+    evals: pd.DataFrame = field(repr=False)
+    samples: pd.DataFrame = field(repr=False)
+
+    @property
+    def adapter_dir(self) -> str | None:
+        return self.state.get("adapter_dir")
+
+    @property
+    def checkpoint(self) -> Path | None:
+        path = self.path / "checkpoint" / "state.pt"
+        return path if path.exists() else None
+
+    @property
+    def plans(self) -> pd.DataFrame:
+        return pd.DataFrame(self.info.get("plans", []))
+
+    def fine_tune_config(self) -> FineTuneConfig:
+        return config_from_dict(self.config)
+
+
+def load_run(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:
+    """Read a run folder.
+
+    Args:
+        run_id: a run id under the root, or a run folder's path.
+        root: the ledger root (default: see :func:`runs_root`).
+
+    Returns:
+        The :class:`Run`.
+
+    Raises:
+        ValueError: no such run.
+    """
+    path = run_dir(run_id, root)
+    info = _read_json(path / "config.json")
+    state = _read_json(path / "status.json")
+    lines = _read_lines(path / "metrics.jsonl")
+    steps = pd.DataFrame(
+        [{k: v for k, v in r.items() if k != "kind"} for r in lines if r.get("kind") == "step"]
+    )
+    evals = pd.DataFrame(
+        [{k: v for k, v in r.items() if k != "kind"} for r in lines if r.get("kind") == "eval"]
+    )
+    return Run(
+        id=path.name,
+        path=path,
+        status=_effective_status(state, path.name),
+        config=info.pop("config", {}),
+        info=info,
+        state=state,
+        steps=steps,
+        evals=evals,
+        samples=pd.DataFrame(_read_lines(path / "samples.jsonl")),
+    )
+
+
+def _last(df: pd.DataFrame, col: str) -> float | None:
+    return float(df[col].dropna().iloc[-1]) if col in df and df[col].notna().any() else None
+
+
+def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Every run under the root, newest first.
+
+    Returns:
+        One row per run: id, status, model, dataset, backend, r, alpha, lr, steps (configured), step
+        (reached), train_loss (last), val_loss (last), started, path.
+    """
+    rows = []
+    for path in sorted(runs_root(root).iterdir(), reverse=True):
+        if not (path / "config.json").exists():
+            continue
+        run = load_run(path)
+        c = run.config
+        rows.append(
+            {
+                "id": run.id,
+                "status": run.status,
+                "model": c.get("model"),
+                "dataset": c.get("dataset"),
+                "backend": c.get("backend"),
+                "r": c.get("r"),
+                "alpha": c.get("alpha"),
+                "lr": c.get("lr"),
+                "steps": c.get("steps"),
+                "step": int(run.steps.step.max()) if len(run.steps) else 0,
+                "train_loss": _last(run.steps, "train_loss"),
+                "val_loss": _last(run.evals, "val_loss"),
+                "started": pd.to_datetime(run.state.get("started"), unit="s") if run.state else None,
+                "path": str(run.path),
+            }
+        )
+    columns = ["id", "status", "model", "dataset", "backend", "r", "alpha", "lr", "steps", "step",
+               "train_loss", "val_loss", "started", "path"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def remove_run(run_id: str, root: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Delete a run folder.
+
+    Raises:
+        ValueError: no such run, or it is still running (pass ``force=True`` to delete anyway).
+    """
+    run = load_run(run_id, root)
+    if run.status == "running" and not force:
+        raise ValueError(
+            f"runs: run {run.id} is still running (pid {run.state.get('pid')}); stop it or force"
+        )
+    shutil.rmtree(run.path)
+    return run.path
+
+
+# ------------------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Comparison:
+    """Runs side by side.
+
+    Attributes:
+        curves: tidy table run, step, metric (train_loss / val_loss), value.
+        config_diff: one row per config field that differs, one column per run.
+        summary: one row per run (status, steps reached, last train and val loss, median tokens/s).
+        figure: plotly spec ``{"data": [...], "layout": {...}}``: train loss solid, val loss dashed with markers.
+    """
+
+    curves: pd.DataFrame
+    config_diff: pd.DataFrame
+    summary: pd.DataFrame
+    figure: dict
+
+
+def compare(ids: list[str], root: str | os.PathLike | None = None) -> Comparison:
+    """Overlay runs' curves and list their config differences.
+
+    Args:
+        ids: run ids (or run folders), at least one.
+        root: the ledger root.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Raises:
+        ValueError: no ids, or an unknown run.
+    """
+    if not ids:
+        raise ValueError("runs.compare: give at least one run id (`runlora-nb runs list` shows them)")
+    runs = [load_run(i, root) for i in ids]
+    frames = []
+    for run in runs:
+        for df, col in ((run.steps, "train_loss"), (run.evals, "val_loss")):
+            if len(df) and col in df:
+                frames.append(pd.DataFrame({"run": run.id, "step": df.step, "metric": col, "value": df[col]}))
+    curves = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run", "step", "metric", "value"])
+    )
+    keys = sorted({k for run in runs for k in run.config})
+    diff_rows = []
+    for key in keys:
+        values = [json.dumps(run.config.get(key), default=str) for run in runs]
+        if len(set(values)) > 1:
+            diff_rows.append({"field": key, **{run.id: run.config.get(key) for run in runs}})
+    config_diff = pd.DataFrame(diff_rows, columns=["field", *[r.id for r in runs]])
+    summary = pd.DataFrame(
+        [
+            {
+                "id": r.id,
+                "status": r.status,
+                "step": int(r.steps.step.max()) if len(r.steps) else 0,
+                "train_loss": float(r.steps.train_loss.iloc[-1]) if len(r.steps) else None,
+                "val_loss": float(r.evals.val_loss.iloc[-1]) if len(r.evals) else None,
+                "tokens_per_s": float(r.steps.tokens_per_s.iloc[1:].median()) if len(r.steps) > 1 else None,
+            }
+            for r in runs
+        ]
+    )
+    return Comparison(curves, config_diff, summary, _figure(curves, [r.id for r in runs]))
+
+
+def _figure(curves: pd.DataFrame, ids: list[str]) -> dict:
+    palette = ["#1e88e5", "#ef6c00", "#2e7d32", "#8e24aa", "#c62828", "#00897b", "#6d4c41", "#3949ab"]
+    data = []
+    for k, run_id in enumerate(ids):
+        color = palette[k % len(palette)]
+        for metric, line in (("train_loss", {"width": 1.5}), ("val_loss", {"width": 2, "dash": "dash"})):
+            sel = curves[(curves.run == run_id) & (curves.metric == metric)]
+            if not len(sel):
+                continue
+            data.append(
+                {
+                    "type": "scatter",
+                    "mode": "lines" if metric == "train_loss" else "lines+markers",
+                    "name": f"{run_id} {metric.split('_')[0]}",
+                    "legendgroup": run_id,
+                    "x": [int(s) for s in sel.step],
+                    "y": [_clean(float(v)) for v in sel.value],
+                    "line": {"color": color, **line},
+                }
+            )
+    layout = {
+        "title": {"text": "Runs: train loss (solid) and validation loss (dashed)"},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"title": {"text": "loss"}},
+        "height": 420,
+        "legend": {"orientation": "h"},
+    }
+    return {"data": data, "layout": layout}

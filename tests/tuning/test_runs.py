@@ -1,0 +1,138 @@
+"""The run ledger: unique run folders, what a run records, interrupted runs, list/load/compare/rm, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runlora_nb.app.cli import main
+from runlora_nb.tuning import FineTuneConfig, FineTuner
+from runlora_nb.tuning import runs as ledger
+from runlora_nb.tuning.runs import compare, list_runs, load_run, new_run_dir, remove_run
+
+QUICK = {
+    "model": "tiny-llama",
+    "lr": 3e-3,
+    "seq_len": 32,
+    "batch_size": 4,
+    "eval_batches": 1,
+    "sample_tokens": 4,
+}
+
+
+def test_run_ids_are_unique_within_one_second(tmp_path, monkeypatch):
+    """Defect 14.2: two runs started in the same second shared `runs/%Y%m%d-%H%M%S-<backend>`."""
+    monkeypatch.setattr(ledger.time, "strftime", lambda fmt: "20260101-000000")
+    a, b = new_run_dir("runlora", tmp_path), new_run_dir("runlora", tmp_path)
+    assert a != b and a.is_dir() and b.is_dir()
+    assert a.name.startswith("20260101-000000-runlora-")
+
+
+def test_no_ledger_default_adapter_folders_do_not_collide(tmp_path, monkeypatch):
+    """Without a ledger the default adapter folder is a fresh unique run folder too (was overwritten)."""
+    monkeypatch.setattr(ledger.time, "strftime", lambda fmt: "20260101-000000")
+    cfg = FineTuneConfig(**QUICK, steps=1, eval_interval=0, sample_prompts=(), runs_dir=str(tmp_path))
+    dirs = {FineTuner(cfg, ledger=False).run().end.adapter_dir for _ in range(2)}
+    assert len(dirs) == 2
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    ids = []
+    for lr in (3e-3, 1e-3):
+        cfg = FineTuneConfig(
+            **{**QUICK, "lr": lr}, steps=4, eval_interval=2, checkpoint_every=2, runs_dir=str(root)
+        )
+        tuner = FineTuner(cfg)
+        tuner.run()
+        ids.append(tuner.run_dir.name)
+    return root, ids
+
+
+def test_a_run_records_config_metrics_samples_status_and_adapter(two_runs):
+    root, ids = two_runs
+    run = load_run(ids[0], root)
+    assert run.status == "finished" and run.config["lr"] == 3e-3
+    assert run.info["versions"]["torch"] and run.info["versions"]["runlora_nb"]
+    assert set(run.plans.columns) >= {"module", "fwd", "bwd"} and (run.plans.fwd != "").all()
+    assert list(run.steps.step) == [1, 2, 3, 4]
+    for col in ("train_loss", "lr", "tokens_per_s", "step_s", "saved_bytes", "peak_mem_bytes"):
+        assert run.steps[col].notna().all(), col
+    assert run.steps.saved_bytes.iloc[0] > 0 and run.steps.peak_mem_bytes.iloc[-1] > 0
+    assert list(run.evals.step) == [0, 2, 4] and run.evals.val_loss.notna().all()
+    assert list(run.samples.stage) == ["before", "after"]
+    assert run.adapter_dir == str(run.path / "adapter")
+    assert (run.path / "adapter" / "adapter_config.json").exists() and run.checkpoint is not None
+    assert not list(run.path.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_list_compare_and_rm(two_runs, tmp_path):
+    root, ids = two_runs
+    table = list_runs(root)
+    assert set(ids) <= set(table.id) and (table.set_index("id").loc[ids, "status"] == "finished").all()
+    cmp = compare(ids, root)
+    assert set(cmp.curves.metric) == {"train_loss", "val_loss"} and set(cmp.curves.run) == set(ids)
+    assert list(cmp.config_diff.field) == ["lr"]
+    assert cmp.config_diff.iloc[0][ids[1]] == 1e-3
+    assert len(cmp.figure["data"]) == 4 and json.dumps(cmp.figure)  # plain JSON spec
+    with pytest.raises(ValueError, match="at least one"):
+        compare([], root)
+    with pytest.raises(ValueError, match="no run 'nope'"):
+        load_run("nope", root)
+
+
+def test_a_run_whose_process_died_is_interrupted(two_runs, tmp_path):
+    root, ids = two_runs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = load_run(ids[1], root)
+    status = json.loads((run.path / "status.json").read_text())
+    status.update(status="running", pid=dead.pid)
+    (run.path / "status.json").write_text(json.dumps(status))
+    with open(run.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "step", "step": 5, "train_lo')  # a line torn by the kill
+    run = load_run(ids[1], root)
+    assert run.status == "interrupted" and run.steps.step.max() == 4
+    status["pid"] = os.getpid()  # this process, but not running that run any more
+    (run.path / "status.json").write_text(json.dumps(status))
+    assert load_run(ids[1], root).status == "interrupted"
+
+
+def test_cli_runs_list_show_compare_rm(two_runs, tmp_path, capsys):
+    root, ids = two_runs
+    assert main(["runs", "list", "--runs-dir", str(root)]) == 0
+    assert ids[0] in capsys.readouterr().out
+    assert main(["runs", "show", ids[0], "--runs-dir", str(root)]) == 0
+    assert "finished" in capsys.readouterr().out
+    fig = tmp_path / "fig.json"
+    assert main(["runs", "compare", *ids, "--runs-dir", str(root), "--json", str(fig)]) == 0
+    assert "lr" in capsys.readouterr().out and json.loads(fig.read_text())["data"]
+    assert main(["runs", "show", "nope", "--runs-dir", str(root)]) == 2
+    victim = new_run_dir("runlora", root)
+    (victim / "config.json").write_text(json.dumps({"config": {}}))
+    assert main(["runs", "rm", victim.name, "--runs-dir", str(root)]) == 0
+    assert not victim.exists()
+    with pytest.raises(ValueError, match="no run"):
+        remove_run(victim.name, root)
+
+
+def test_a_run_failing_at_setup_or_interrupted_by_ctrl_c_is_listed_with_its_status(tmp_path):
+    bad = FineTuneConfig(**QUICK, dataset=str(tmp_path / "missing.txt"), runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the run is recorded as failed
+        FineTuner(bad).run()
+    (failed,) = list_runs(tmp_path / "runs").itertuples()
+    assert failed.status == "failed" and load_run(failed.id, tmp_path / "runs").state["message"]
+
+    class CtrlC:
+        def on_step(self, trainer, event):
+            raise KeyboardInterrupt
+
+    cfg = FineTuneConfig(**QUICK, steps=3, sample_prompts=(), runs_dir=str(tmp_path / "ctrl"))
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(cfg, [CtrlC()]).run()
+    assert list(list_runs(tmp_path / "ctrl").status) == ["interrupted"]
