@@ -1,0 +1,284 @@
+"""Export a tuned model: the PEFT adapter folder, a merged transformers folder, or a GGUF file + Modelfile.
+
+Every export is built in a temporary sibling of ``out``, reloaded from there and compared with the in-memory
+tuned model (:func:`~runlora_nb.tuning.parity.parity_report`); ``parity.json`` is written next to the artefact
+and only then is the folder renamed into place, so a failed export leaves nothing half-written.
+
+Example:
+    >>> model, tok = load_model("tiny-llama"); apply_runlora(model, r=4)
+    >>> result = export_model(model, tok, "out/merged", "merged")
+    >>> result.parity["max_logit_diff"]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..common.paths import atomic_dir
+from .parity import PARITY_PROMPTS, format_parity, parity_report, write_parity
+
+__all__ = ["FORMATS", "ExportResult", "base_copy", "export_from_files", "export_model", "merged_copy"]
+
+FORMATS = ("peft", "merged", "gguf")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how closely it matches the tuned model.
+
+    Attributes:
+        format: ``peft``, ``merged`` or ``gguf``.
+        path: the export folder.
+        files: names of the files in it.
+        parity: the parity report (also in ``path/parity.json``).
+        artefact: for GGUF, the ``.gguf`` file.
+    """
+
+    format: str
+    path: Path
+    files: list[str]
+    parity: dict[str, Any] = field(default_factory=dict)
+    artefact: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_destination(out: str | os.PathLike) -> Path:
+    """Fail early, before any work, when ``out`` cannot become a folder.
+
+    Raises:
+        ValueError: ``out`` is an existing file, an ancestor is a file, or the nearest existing ancestor is
+            not writable.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export: {out} exists and is not a folder; pass a folder path for --out")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"export: cannot create {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
+        )
+    return out
+
+
+def _check_tokenizer(tokenizer: Any, fmt: str) -> None:
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "save_pretrained"):
+        raise ValueError(
+            f"export: format {fmt!r} needs the model's tokenizer (got {type(tokenizer).__name__}); pass the "
+            "tokenizer load_model returned, or save one next to the model with tokenizer.save_pretrained(folder)"
+        )
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.base_model.model if _is_peft(model) else model
+
+
+def _quantized(model: nn.Module) -> bool:
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def _weight_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def _causal(model: nn.Module) -> bool:
+    return "CausalLM" in type(_inner(model)).__name__ or "LMHead" in type(_inner(model)).__name__
+
+
+# ------------------------------------------------------------------------------------------------ copies
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def base_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the frozen base (adapters removed, not merged): what a PEFT adapter is loaded onto."""
+    from ..integrations.inject import runlora_layers
+
+    m = copy.deepcopy(model)
+    if _is_peft(m):
+        return m.unload()
+    for path, layer in list(runlora_layers(m)):
+        if hasattr(layer, "base_layer"):
+            if getattr(layer, "merged", False):
+                raise ValueError(f"export: {path} is merged; unmerge it before exporting the adapter")
+            _set_submodule(m, path, layer.base_layer)
+    if hasattr(m, "runlora_config"):
+        del m.runlora_config
+    return m
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every adapter merged into its base weight (the tuned model stays as it is).
+
+    A quantized base is dequantized, updated and requantized: a warning says the rounding costs accuracy,
+    and the parity check measures how much.
+    """
+    from ..integrations.inject import merge_and_unload
+
+    if _quantized(model):
+        warnings.warn(
+            "export: merging into a quantized base rounds W + sAB back to the quantization grid; the merged model "
+            "differs from the tuned one (see the parity figures). Export the PEFT adapter to keep it exact.",
+            UserWarning,
+            stacklevel=3,
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*round.*", category=UserWarning)
+        return merge_and_unload(copy.deepcopy(model)).eval()
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def _export_peft(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict[str, Any]:
+    import peft
+
+    from ..integrations.adapters import save_adapter
+
+    save_adapter(model, tmp)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    base = base_copy(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        reloaded = peft.PeftModel.from_pretrained(base, tmp, is_trainable=False)
+    return parity_report(
+        model,
+        reloaded,
+        tokenizer,
+        dtype=_weight_dtype(model),
+        label="peft",
+        prompts=prompts,
+        causal=_causal(model),
+    )
+
+
+def _export_merged(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ..assets.hf import quiet_transformers
+
+    merged = merged_copy(model)
+    dtype = _weight_dtype(merged)
+    with quiet_transformers():
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").exists():
+            GenerationConfig.from_model_config(merged.config).save_pretrained(tmp)
+        cls = AutoModelForCausalLM if _causal(model) else type(merged)
+        reloaded = cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=dtype)
+        reloaded_tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+    label = "merged (quantized base)" if _quantized(model) else "merged"
+    return parity_report(
+        model,
+        reloaded,
+        tokenizer,
+        dtype=torch.float32 if _quantized(model) else dtype,
+        label=label,
+        prompts=prompts,
+        candidate_tokenizer=reloaded_tok,
+        causal=_causal(model),
+    )
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    fmt: str = "merged",
+    *,
+    dtype: str = "f16",
+    prompts: tuple[str, ...] = PARITY_PROMPTS,
+    verbose: bool = True,
+) -> ExportResult:
+    """Export a tuned model and check the artefact against it.
+
+    Args:
+        model: a model with RunLoRA adapters (:func:`~runlora_nb.apply_runlora`), or a PEFT model.
+        tokenizer: its tokenizer (required for ``merged`` and ``gguf``; saved with ``peft`` when given).
+        out: the export folder (replaced atomically if it exists).
+        fmt: ``peft`` (adapter folder), ``merged`` (transformers folder: safetensors, tokenizer, generation
+            config) or ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``).
+        dtype: GGUF tensor type, ``f32``, ``f16`` or ``bf16`` (ignored for the other formats).
+        prompts: the parity prompt set.
+        verbose: print the parity line.
+
+    Returns:
+        An :class:`ExportResult`; ``parity.json`` is in the folder.
+
+    Raises:
+        ValueError: unknown format, missing tokenizer, a non-llama model for GGUF, an unwritable destination;
+            nothing is written.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"export: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt != "peft":
+        _check_tokenizer(tokenizer, fmt)
+    if fmt == "gguf":
+        from .gguf_export import check_gguf_exportable
+
+        check_gguf_exportable(_inner(model), dtype)
+    out = check_destination(out)
+    artefact = None
+    try:
+        with atomic_dir(out) as tmp:
+            if fmt == "peft":
+                report = _export_peft(model, tokenizer, tmp, prompts)
+            elif fmt == "merged":
+                report = _export_merged(model, tokenizer, tmp, prompts)
+            else:
+                from .gguf_export import export_gguf
+
+                report = export_gguf(model, tokenizer, tmp, dtype, prompts, merged_copy(model))
+                artefact = out / report["file"]
+            write_parity(tmp, report)
+            files = sorted(p.name for p in tmp.iterdir())
+    except PermissionError as err:
+        raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
+    if verbose:
+        print(format_parity(report))
+    return ExportResult(fmt, out, files, report, artefact)
+
+
+def export_from_files(
+    model: str | os.PathLike,
+    adapter: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f16",
+    verbose: bool = True,
+) -> ExportResult:
+    """Load ``model`` (zoo name or folder) and its saved ``adapter`` folder, then :func:`export_model`.
+
+    Raises:
+        ValueError: unknown model, unreadable adapter, and every error of :func:`export_model`.
+    """
+    from ..assets.zoo import load_model
+    from ..integrations.adapters import load_adapter
+
+    check_destination(out)  # before loading anything
+    base, tokenizer = load_model(model)
+    tuned = load_adapter(base, adapter)
+    return export_model(tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose)

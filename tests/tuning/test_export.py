@@ -1,0 +1,127 @@
+"""Export (PEFT folder, merged folder) with the parity check; errors leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.inject import apply_runlora, get_peft_model, runlora_layers
+from runlora_nb.tuning import export as export_mod
+from runlora_nb.tuning.export import export_model
+from runlora_nb.tuning.parity import ParityWarning, parity_report, tolerance
+
+
+def tuned_llama(r: int = 4):
+    """tiny-llama with trained-looking (non-zero) adapters: the tuned model differs from the base."""
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=r, alpha=2 * r, target_modules="all-linear")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in runlora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
+    return model.eval(), tok
+
+
+def logits(model, tok, text="Shall I compare thee"):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits.float()
+
+
+def no_leftovers(out):
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+
+
+def test_peft_export_loads_in_peft_and_matches(tmp_path):
+    model, tok = tuned_llama()
+    out = tmp_path / "adapter"
+    result = export_model(model, tok, out, "peft", verbose=False)
+    assert {"adapter_config.json", "adapter_model.safetensors", "parity.json"} <= set(result.files)
+    base, _ = load_model("tiny-llama")
+    reloaded = peft.PeftModel.from_pretrained(base, out)
+    ref, got = logits(model, tok), logits(reloaded, tok)
+    tol = tolerance(torch.float32, model.config, float(ref.abs().max()))
+    plain, _ = load_model("tiny-llama")
+    assert (logits(plain, tok) - ref).abs().max() > 100 * tol  # the adapter matters
+    assert (got - ref).abs().max() <= tol
+    stored = json.loads((out / "parity.json").read_text())
+    assert stored["within_tolerance"] and stored["greedy_agreement"] == 1.0
+    assert stored["max_logit_diff"] <= stored["tolerance"]
+
+
+def test_merged_export_loads_offline_and_matches(tmp_path):
+    model, tok = tuned_llama()
+    out = tmp_path / "merged"
+    result = export_model(model, tok, out, "merged", verbose=False)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(
+        result.files
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert not any("lora" in k for k in reloaded.state_dict())
+    ref, got = logits(model, tok), logits(reloaded, tok)
+    tol = tolerance(torch.float32, model.config, float(ref.abs().max()))
+    assert (got - ref).abs().max() <= tol
+    assert result.parity["within_tolerance"] and result.parity["tokenizer_match"]
+    assert result.parity["ppl_change"] == pytest.approx(0.0, abs=1e-4)
+    assert any(True for _ in runlora_layers(model))  # the tuned model itself is left unmerged
+    assert no_leftovers(out)
+
+
+def test_merged_export_of_a_peft_model(tmp_path):
+    base, tok = load_model("tiny-llama")
+    model = get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    result = export_model(model.eval(), tok, tmp_path / "m", "merged", verbose=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
+    ref = logits(model, tok)
+    assert (logits(reloaded, tok) - ref).abs().max() <= result.parity["tolerance"]
+
+
+def test_parity_warns_beyond_tolerance():
+    model, tok = tuned_llama()
+    other, _ = load_model("tiny-llama")  # the base: differs from the tuned model
+    with pytest.warns(ParityWarning, match="exceeds the float32 tolerance"):
+        report = parity_report(model, other, tok, dtype=torch.float32, label="test")
+    assert not report["within_tolerance"]
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    model, _ = tuned_llama()
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        export_model(model, None, tmp_path / "m", "merged")
+    assert not (tmp_path / "m").exists() and no_leftovers(tmp_path / "m")
+
+
+def test_unwritable_destination(tmp_path):
+    model, tok = tuned_llama()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        export_model(model, tok, blocker / "sub" / "m", "merged")
+    with pytest.raises(ValueError, match="not a folder"):
+        export_model(model, tok, blocker, "merged")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_model(model, tok, tmp_path / "x", "onnx")
+
+
+def test_failed_export_leaves_nothing_and_keeps_old(tmp_path, monkeypatch):
+    model, tok = tuned_llama()
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("old export")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("reload failed")
+
+    monkeypatch.setattr(export_mod, "parity_report", boom)
+    with pytest.raises(RuntimeError, match="reload failed"):
+        export_model(model, tok, out, "merged")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and no_leftovers(out)
