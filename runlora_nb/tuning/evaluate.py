@@ -1,0 +1,352 @@
+"""Is the tuned model better? Held-out loss/perplexity (or accuracy) and prompt/reference scores, base vs adapted.
+
+The base model is the tuned model with its adapters switched off (:func:`adapters_disabled`), so nothing is
+reloaded. Results are pandas DataFrames; given a run folder, they are also written there (atomically):
+``eval_loss.csv``, ``eval_pairs.csv`` (with the greedy generations) and ``eval_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..common.paths import atomic_write_text
+
+__all__ = [
+    "adapters_disabled",
+    "compare_adapters",
+    "dataset_loss",
+    "evaluate_pairs",
+    "evaluate_tuner",
+    "exact_match",
+    "read_pairs",
+    "rouge_l",
+    "summarize_pairs",
+]
+
+PAIR_KEYS = ("prompt", "reference")
+
+
+# ------------------------------------------------------------------------------------------------ toggling
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block on the base model: every RunLoRA / PEFT adapter off, restored afterwards (no reload).
+
+    Raises:
+        ValueError: the model has no adapters, or a RunLoRA layer is merged (its base weight holds sAB).
+    """
+    from ..integrations.inject import runlora_layers
+    from ..nn.layer import RunLoRALinear
+
+    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+        return
+    layers = [(p, m) for p, m in runlora_layers(model) if isinstance(m, RunLoRALinear)]
+    if not layers:
+        raise ValueError(
+            f"evaluate: {type(model).__name__} has no RunLoRA or PEFT adapters to switch off; pass the tuned "
+            "model (apply_runlora / get_peft_model / load_adapter)"
+        )
+    merged = [p for p, m in layers if m.merged]
+    if merged:
+        raise ValueError(
+            f"evaluate: {merged[0]} is merged, so its base cannot be recovered; unmerge() it first"
+        )
+    before = [m.adapter_enabled for _, m in layers]
+    try:
+        for _, m in layers:
+            m.enable_adapter(False)
+        yield model
+    finally:
+        for (_, m), on in zip(layers, before):
+            m.enable_adapter(on)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def dataset_loss(model: nn.Module, dataset: Any, batch_size: int = 8, max_batches: int | None = None) -> dict:
+    """Token-weighted loss and perplexity (causal LM) or loss and accuracy (classification) on ``dataset``.
+
+    Args:
+        model: a causal-LM or sequence-classification model.
+        dataset: a :class:`~runlora_nb.assets.tokenized.TokenDataset` (labels (n, L) with -100 ignored, or (n,)
+            class indices).
+        batch_size: rows per forward.
+        max_batches: stop after this many batches (None: the whole split).
+
+    Returns:
+        ``{"loss", "perplexity", "accuracy", "rows", "tokens"}``; ``accuracy`` is None for causal LMs and
+        ``perplexity`` None for classification.
+
+    Raises:
+        ValueError: an empty dataset.
+    """
+    from ..assets.tokenized import batches
+
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the evaluation split is empty; lower seq_len or use a larger dataset")
+    total = correct = rows = 0
+    nll = 0.0
+    device = next(model.parameters()).device
+    with _eval_mode(model):
+        for i, batch in enumerate(batches(dataset, batch_size, shuffle=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
+            labels = batch["labels"]
+            rows += len(labels)
+            if labels.dim() == 1:  # classification
+                nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                total += len(labels)
+            else:
+                shift, target = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+                nll += float(
+                    torch.nn.functional.cross_entropy(shift, target, ignore_index=-100, reduction="sum")
+                )
+                total += int((target != -100).sum())
+    classification = dataset.tensors["labels"].dim() == 1
+    loss = nll / max(total, 1)
+    return {
+        "loss": loss,
+        "perplexity": None if classification else math.exp(min(loss, 50.0)),
+        "accuracy": correct / max(total, 1) if classification else None,
+        "rows": rows,
+        "tokens": None if classification else total,
+    }
+
+
+def compare_adapters(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    run_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """:func:`dataset_loss` of the base (adapters off) and the adapted model.
+
+    Returns:
+        Two rows, ``variant`` ``base`` and ``adapted``, with ``loss``, ``perplexity``, ``accuracy``, ``rows``,
+        ``tokens``; written to ``run_dir/eval_loss.csv`` when given.
+    """
+    with adapters_disabled(model):
+        base = dataset_loss(model, dataset, batch_size, max_batches)
+    adapted = dataset_loss(model, dataset, batch_size, max_batches)
+    df = pd.DataFrame([{"variant": "base", **base}, {"variant": "adapted", **adapted}])
+    if run_dir is not None:
+        atomic_write_text(Path(run_dir) / "eval_loss.csv", df.to_csv(index=False))
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Read a JSONL file of ``{"prompt": ..., "reference": ...}`` objects (blank lines skipped).
+
+    Raises:
+        ValueError: a line that is not a JSON object, lacks a key or has a non-string value (the message names
+            the file, the line number and the key), or a file with no pairs.
+    """
+    path = Path(path)
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"evaluate: {path} line {n} is not valid JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"evaluate: {path} line {n} is a {type(row).__name__}, expected a JSON object")
+        for key in PAIR_KEYS:
+            if key not in row:
+                raise ValueError(
+                    f"evaluate: {path} line {n} has no {key!r} key (found {sorted(row)}); every line needs "
+                    '{"prompt": ..., "reference": ...}'
+                )
+            if not isinstance(row[key], str):
+                raise ValueError(
+                    f"evaluate: {path} line {n}: {key!r} must be a string, got {type(row[key]).__name__}"
+                )
+        pairs.append({"prompt": row["prompt"], "reference": row["reference"]})
+    if not pairs:
+        raise ValueError(f"evaluate: {path} holds no prompt/reference pairs")
+    return pairs
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal after collapsing whitespace and stripping, else 0.0."""
+    return float(_normalize(prediction) == _normalize(reference))
+
+
+_SCORER = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (the ``rouge-score`` package, no stemming)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def _encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def _generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, chat: bool
+) -> list[str]:
+    device = next(model.parameters()).device
+    texts = []
+    with _eval_mode(model):
+        for prompt in prompts:
+            ids = {k: v.to(device) for k, v in _encode(tokenizer, prompt, chat).items()}
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def evaluate_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: str | os.PathLike | Sequence[dict[str, str]],
+    max_new_tokens: int = 32,
+    *,
+    compare_base: bool = True,
+    chat: bool = False,
+    run_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Greedy generations for each prompt, scored against its reference (exact match and ROUGE-L).
+
+    Args:
+        model: the tuned causal LM.
+        tokenizer: its tokenizer.
+        pairs: a JSONL path (see :func:`read_pairs`) or a list of ``{"prompt", "reference"}`` dicts.
+        max_new_tokens: generation length.
+        compare_base: also generate with the adapters off (rows with ``variant="base"``).
+        chat: wrap each prompt in the tokenizer's chat template as a user turn.
+        run_dir: also write ``eval_pairs.csv`` and ``eval_summary.json`` there.
+
+    Returns:
+        One row per (variant, pair): ``variant``, ``index``, ``prompt``, ``reference``, ``generation``,
+        ``exact_match``, ``rouge_l``.
+
+    Raises:
+        ValueError: a malformed pairs file (line and key named).
+    """
+    rows_in = read_pairs(pairs) if isinstance(pairs, (str, os.PathLike)) else list(pairs)
+    for i, row in enumerate(rows_in):
+        missing = [k for k in PAIR_KEYS if k not in row]
+        if missing:
+            raise ValueError(
+                f"evaluate: pair {i} has no {missing[0]!r} key; each needs 'prompt' and 'reference'"
+            )
+    prompts = [r["prompt"] for r in rows_in]
+    variants = []
+    if compare_base:
+        with adapters_disabled(model):
+            variants.append(("base", _generate(model, tokenizer, prompts, max_new_tokens, chat)))
+    variants.append(("adapted", _generate(model, tokenizer, prompts, max_new_tokens, chat)))
+    records = [
+        {
+            "variant": name,
+            "index": i,
+            "prompt": row["prompt"],
+            "reference": row["reference"],
+            "generation": gen,
+            "exact_match": exact_match(gen, row["reference"]),
+            "rouge_l": rouge_l(gen, row["reference"]),
+        }
+        for name, gens in variants
+        for i, (row, gen) in enumerate(zip(rows_in, gens))
+    ]
+    df = pd.DataFrame(records)
+    if run_dir is not None:
+        atomic_write_text(Path(run_dir) / "eval_pairs.csv", df.to_csv(index=False))
+        summary = summarize_pairs(df).to_dict(orient="records")
+        atomic_write_text(Path(run_dir) / "eval_summary.json", json.dumps(summary, indent=2))
+    return df
+
+
+def summarize_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean exact match and ROUGE-L per variant (``base`` first)."""
+    out = df.groupby("variant", sort=False)[["exact_match", "rouge_l"]].mean().reset_index()
+    out["pairs"] = df.groupby("variant", sort=False).size().values
+    return out
+
+
+def evaluate_tuner(
+    tuner: Any,
+    pairs: str | os.PathLike | Sequence[dict[str, str]] | None = None,
+    *,
+    max_batches: int | None = None,
+    max_new_tokens: int = 32,
+    run_dir: str | os.PathLike | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Evaluate a prepared :class:`~runlora_nb.tuning.FineTuner`: its validation split, then ``pairs``.
+
+    Returns:
+        ``{"loss": compare_adapters(...)}`` plus ``"pairs"`` and ``"summary"`` when ``pairs`` is given (causal
+        LMs only); everything is written to ``run_dir`` when given.
+    """
+    tuner.prepare()
+    out = {
+        "loss": compare_adapters(tuner.model, tuner.val_set, tuner.config.batch_size, max_batches, run_dir)
+    }
+    if pairs is not None and not tuner.label_names:
+        chat = (
+            tuner.config.task == "instruction"
+            or getattr(tuner.val_set, "info", {}).get("task") == "instruction"
+        )
+        out["pairs"] = evaluate_pairs(
+            tuner.model, tuner.tokenizer, pairs, max_new_tokens, chat=chat, run_dir=run_dir
+        )
+        out["summary"] = summarize_pairs(out["pairs"])
+    return out
