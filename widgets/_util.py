@@ -202,6 +202,7 @@ class Throttle:
         self._run_lock = threading.Lock()
         self._last = -math.inf
         self._timer: threading.Timer | None = None
+        self._firing = 0  # trailing runs in progress
         self._closed = False
 
     def __call__(self) -> None:
@@ -223,7 +224,12 @@ class Throttle:
             if self._closed:
                 return
             self._last = time.monotonic()
-        self._run()
+            self._firing += 1
+        try:
+            self._run()
+        finally:
+            with self._lock:
+                self._firing -= 1
 
     def _run(self) -> None:
         with self._run_lock:
@@ -243,8 +249,8 @@ class Throttle:
 
     @property
     def pending(self) -> bool:
-        """A trailing run is scheduled."""
-        return self._timer is not None
+        """A trailing run is scheduled or still running (its result is not drawn yet)."""
+        return self._timer is not None or self._firing > 0
 
     def close(self) -> None:
         """Cancel a scheduled run; later calls do nothing."""

@@ -42,6 +42,25 @@ def test_throttle_runs_at_most_once_per_interval_and_draws_the_last_state():
     assert len(seen) >= 2
 
 
+def test_throttle_is_pending_until_the_trailing_run_has_finished():
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow_draw():
+        if done:  # the trailing run: slow, like a chart redraw on a loaded machine
+            started.set()
+            release.wait(10)
+        done.append(1)
+
+    throttle = Throttle(slow_draw, interval=0.05)
+    throttle()  # runs at once
+    throttle()  # trailing, after the window
+    assert started.wait(10)
+    assert throttle.pending  # the trailing run is still drawing: its result is not there yet
+    release.set()
+    assert wait_until(lambda: not throttle.pending, 10)
+    assert len(done) == 2
+
+
 def test_throttle_flush_runs_now_and_close_cancels():
     calls = []
     throttle = Throttle(lambda: calls.append(time.monotonic()), interval=10.0)
