@@ -7,6 +7,7 @@ the core; controllers import no widget, so scripts and tests drive them directly
 * :class:`ChainRace` / :class:`RaceController`: race every chain pair, the planner, PEFT and the frozen floor.
 * :class:`LoRALab` / :class:`LabController`: FLOPs per pair, the winner over (N, r), saved tensors.
 * :class:`FineTunePanel` / :class:`FineTuneController`: train with live curves, Stop, PEFT overlay.
+* :class:`TrainerMonitor`: live charts of any HF ``Trainer`` / TRL ``SFTTrainer`` run (and a ledger record).
 * :func:`dashboard`: all four in tabs, sharing one picker.
 """
 
@@ -19,6 +20,7 @@ from .picker import PickerChoice, PickerController, default_model
 from .picker_view import ModelPicker
 from .race import RaceController, RaceSettings
 from .race_view import ChainRace
+from .trainer_monitor import TrainerMonitor
 
 __all__ = [
     "ChainRace",
@@ -35,6 +37,7 @@ __all__ = [
     "RaceController",
     "RaceSettings",
     "RunTrace",
+    "TrainerMonitor",
     "dashboard",
     "default_model",
 ]

@@ -1,0 +1,135 @@
+"""LedgerCallback: a Hugging Face Trainer / TRL SFTTrainer run on a RunLoRA model lands in the run ledger."""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+
+from runlora_nb.assets.tokenized import make_dataset
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.inject import apply_runlora, get_peft_model
+from runlora_nb.tuning.hf_trainer import LedgerCallback
+from runlora_nb.tuning.runs import compare, list_runs, load_run
+
+STEPS = 4
+
+
+class Rows(torch.utils.data.Dataset):
+    """The rows of a tokenized split as the dicts a Trainer collates."""
+
+    def __init__(self, split, n):
+        self.t = {k: v[:n] for k, v in split.tensors.items()}
+
+    def __len__(self):
+        return len(self.t["input_ids"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.t.items()}
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        include_num_input_tokens_seen=True,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("backend", ["runlora", "peft"])
+def test_trainer_run_is_recorded(tmp_path, backend):
+    from transformers import Trainer
+
+    model, tok = load_model("tiny-llama")
+    if backend == "runlora":
+        apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    else:
+        model = get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    train = Rows(make_dataset("sonnets", tok, 32, "train"), 8)
+    val = Rows(make_dataset("sonnets", tok, 32, "validation"), 4)
+    cb = LedgerCallback(root=tmp_path / "runs", dataset="sonnets")
+    seen = []
+    cb.subscribe(lambda kind, rec: seen.append(kind))
+    Trainer(model=model, args=_args(tmp_path), train_dataset=train, eval_dataset=val, callbacks=[cb]).train()
+
+    run = load_run(cb.id, tmp_path / "runs")
+    assert run.status == "finished"
+    assert list(run.steps["step"]) == [1, 2, 3, 4]
+    assert run.steps["train_loss"].map(math.isfinite).all()
+    assert (run.steps["tokens_per_s"] > 0).all()  # from num_input_tokens_seen
+    assert list(run.evals["step"]) == [2, 4] and (run.evals["val_loss"] > 0).all()
+    c = run.config
+    assert (c["backend"], c["r"], c["alpha"], c["lr"], c["steps"]) == (backend, 4, 8, 1e-3, STEPS)
+    assert run.info["trainable_params"] < run.info["total_params"]
+    if backend == "runlora":
+        assert len(run.plans) > 0 and {"fwd", "bwd"} <= set(run.plans.columns)  # the chain plan in use
+    assert seen.count("step") == STEPS and seen.count("eval") == 2 and seen[-1] == "end"
+    listed = list_runs(tmp_path / "runs")
+    assert list(listed["id"]) == [cb.id] and listed.iloc[0]["val_loss"] == pytest.approx(
+        run.evals.val_loss.iloc[-1]
+    )
+    assert len(compare([cb.id], tmp_path / "runs").curves) > 0
+
+
+def test_trainer_stopped_early_is_marked_stopped(tmp_path):
+    from transformers import Trainer, TrainerCallback
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    train = Rows(make_dataset("sonnets", tok, 32, "train"), 8)
+    cb = LedgerCallback(root=tmp_path / "runs")
+    args = _args(tmp_path)
+    args.eval_strategy = "no"
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[cb, StopAt2()]).train()
+    run = load_run(cb.id, tmp_path / "runs")
+    assert run.status == "stopped" and run.state["step"] == 2
+
+
+def test_sft_trainer_run_is_recorded(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="trl's dependency; in the dev extra")
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [f"Line {k}: shall I compare thee to a summer's day? Thou art more lovely." for k in range(8)]
+    data = datasets.Dataset.from_dict({"text": texts})
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=32,
+        disable_tqdm=True,
+    )
+    cb = LedgerCallback(root=tmp_path / "runs", dataset="sonnet lines")
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[cb]).train()
+    run = load_run(cb.id, tmp_path / "runs")
+    assert run.status == "finished" and list(run.steps["step"]) == [1, 2, 3, 4]
+    assert run.steps["train_loss"].map(math.isfinite).all() and run.config["backend"] == "runlora"
