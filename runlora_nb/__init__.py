@@ -14,6 +14,7 @@ sit on top and the core never imports them.
 """
 
 from . import _compat
+from .common import quiet  # noqa: F401  first: filters known library noise before bitsandbytes is imported
 from .core.chains import BACKWARD, FORWARD, Chain, Needs, valid_pairs
 from .core.function import CallSpec, lora_apply
 from .integrations.adapters import AdapterError, load_adapter, save_adapter

@@ -7,8 +7,9 @@ the core; controllers import no widget, so scripts and tests drive them directly
 * :class:`ChainRace` / :class:`RaceController`: race every chain pair, the planner, PEFT and the frozen floor.
 * :class:`LoRALab` / :class:`LabController`: FLOPs per pair, the winner over (N, r), saved tensors.
 * :class:`FineTunePanel` / :class:`FineTuneController`: train with live curves, Stop, PEFT overlay.
+* :class:`RunsPanel` / :class:`RunsController`: the run ledger: curves overlaid, config diff, samples.
 * :class:`TrainerMonitor`: live charts of any HF ``Trainer`` / TRL ``SFTTrainer`` run (and a ledger record).
-* :func:`dashboard`: all four in tabs, sharing one picker.
+* :func:`dashboard`: all of them in tabs (Model, Chain race, LoRA lab, Fine-tune, Runs), sharing one picker.
 """
 
 from .dashboard import Dashboard, dashboard
@@ -20,6 +21,8 @@ from .picker import PickerChoice, PickerController, default_model
 from .picker_view import ModelPicker
 from .race import RaceController, RaceSettings
 from .race_view import ChainRace
+from .runs import RunsController
+from .runs_view import RunsPanel
 from .trainer_monitor import TrainerMonitor
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "RaceController",
     "RaceSettings",
     "RunTrace",
+    "RunsController",
+    "RunsPanel",
     "TrainerMonitor",
     "dashboard",
     "default_model",

@@ -529,3 +529,23 @@ def shape_sliders(settings: Any, style: dict) -> dict[str, widgets.Widget]:
             value=settings.dropout, min=0.0, max=0.5, step=0.05, description="dropout", **style
         ),
     }
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """TensorBoard-style smoothing: an exponential moving average with bias correction.
+
+    Args:
+        values: the raw series (NaNs are carried over, not averaged).
+        weight: 0 (no smoothing) … <1.
+
+    Returns:
+        A list as long as ``values``.
+    """
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        avg, n = weight * avg + (1 - weight) * v, n + 1
+        out.append(avg / (1 - weight**n) if weight > 0 else v)
+    return out

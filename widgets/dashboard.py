@@ -1,4 +1,4 @@
-"""The dashboard: the four panels in tabs, sharing one model picker."""
+"""The dashboard: the panels in tabs, sharing one model picker; the Runs tab shows the ledger."""
 
 from __future__ import annotations
 
@@ -14,23 +14,27 @@ from .picker import PickerController
 from .picker_view import ModelPicker
 from .race import RaceController
 from .race_view import ChainRace
+from .runs_view import RunsPanel
 
 __all__ = ["TAB_TITLES", "Dashboard", "dashboard"]
 
-TAB_TITLES = ("Model", "Chain race", "LoRA lab", "Fine-tune")
+TAB_TITLES = ("Model", "Chain race", "LoRA lab", "Fine-tune", "Runs")
+RUNS_TAB = TAB_TITLES.index("Runs")
 
 
 class Dashboard(widgets.VBox):
-    """Model picker, chain race, LoRA lab and fine-tuning in tabs; the race (model mode) and the fine-tune
-    panel use the picker's choice.
+    """Model picker, chain race, LoRA lab, fine-tuning and the run ledger in tabs; the race (model mode) and the
+    fine-tune panel use the picker's choice; the Runs tab re-reads the ledger when a fine-tune ends and when it is
+    opened.
 
     Attributes:
         picker: the :class:`ModelPicker` (its ``controller`` is the shared state).
         race: the :class:`ChainRace`.
         lab: the :class:`LoRALab`.
         finetune: the :class:`FineTunePanel`.
+        runs: the :class:`RunsPanel`.
         tabs: the ``ipywidgets.Tab``.
-        panels: the four panels, in tab order.
+        panels: the panels, in tab order.
     """
 
     def __init__(
@@ -46,10 +50,24 @@ class Dashboard(widgets.VBox):
         self.race = ChainRace(RaceController(picker, **(race or {})))
         self.lab = LoRALab()
         self.finetune = FineTunePanel(FineTuneController(picker, **(finetune or {})))
-        self.panels = (self.picker, self.race, self.lab, self.finetune)
+        self.runs = RunsPanel()
+        self.panels = (self.picker, self.race, self.lab, self.finetune, self.runs)
         self.tabs = widgets.Tab(children=list(self.panels), titles=TAB_TITLES)
+        self.tabs.observe(self._tab_opened, names="selected_index")
+        unsubscribe = self.finetune.controller.subscribe(
+            self.runs.guard(self._finetune_event, where="runs refresh")
+        )
+        self.runs.add_cleanup(unsubscribe)
         self.closed = False
         super().__init__([self.tabs])
+
+    def _tab_opened(self, change) -> None:
+        if change["new"] == RUNS_TAB:
+            self.runs.guard(self.runs.refresh, where="runs refresh")()
+
+    def _finetune_event(self, kind: str, payload: Any) -> None:
+        if kind in ("end", "finished"):
+            self.runs.refresh()
 
     def close(self) -> None:
         """Stop every job and close every widget of every panel."""

@@ -18,31 +18,11 @@ from plotly.subplots import make_subplots
 
 from runlora_nb.tuning.hf_trainer import LedgerCallback
 
-from ._util import Panel, fmt_seconds
+from ._util import Panel, ema, fmt_seconds
 
 __all__ = ["TrainerMonitor", "ema"]
 
 TRAIN, SMOOTH, EVAL, LR = range(4)  # trace indices
-
-
-def ema(values: list[float], weight: float) -> list[float]:
-    """TensorBoard-style smoothing: an exponential moving average with bias correction.
-
-    Args:
-        values: the raw series (NaNs are carried over, not averaged).
-        weight: 0 (no smoothing) … <1.
-
-    Returns:
-        A list as long as ``values``.
-    """
-    out, avg, n = [], 0.0, 0
-    for v in values:
-        if not math.isfinite(v):
-            out.append(v)
-            continue
-        avg, n = weight * avg + (1 - weight) * v, n + 1
-        out.append(avg / (1 - weight**n) if weight > 0 else v)
-    return out
 
 
 class TrainerMonitor(Panel):

@@ -382,6 +382,15 @@ def test_dashboard_in_jupyterlab(jupyterlab):
                 limit_s=120,
             )
 
+            # the Runs tab lists the stopped run of the ledger (re-read when the fine-tune ended)
+            page.locator(".lm-TabBar-tab", has_text="Runs").click()
+            stages.wait(
+                "runs tab lists the run",
+                "() => [...document.querySelectorAll('.runlora-runs select option')]"
+                ".some(o => /stopped/.test(o.innerText))",
+                limit_s=60,
+            )
+
             # an honest race: a noise check (the planner's layer against three copies of itself, on a layer big
             # enough to time, 1024 x 512 -> 512, 30 rounds) gives medians within ±10% of each other
             page.locator(".lm-TabBar-tab", has_text="Chain race").click()
@@ -432,7 +441,7 @@ def test_dashboard_in_jupyterlab(jupyterlab):
             shots = os.environ.get("RUNLORA_NB_SCREENSHOTS")
             if shots:
                 Path(shots).mkdir(parents=True, exist_ok=True)
-                for k, title in enumerate(("Model", "Chain race", "LoRA lab", "Fine-tune")):
+                for k, title in enumerate(("Model", "Chain race", "LoRA lab", "Fine-tune", "Runs")):
                     page.locator(".lm-TabBar-tab", has_text=title).click()
                     page.wait_for_timeout(700)
                     page.locator(".jp-OutputArea-output", has=page.locator(".runlora-race")).screenshot(

@@ -1,4 +1,4 @@
-"""The dashboard: four panels in tabs over one shared picker; close releases everything."""
+"""The dashboard: the panels in tabs over one shared picker; close releases everything."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ from panel_helpers import SMALL_LAYER, all_widgets
 
 from runlora_nb.widgets import ChainRace, FineTunePanel, LoRALab, ModelPicker, dashboard
 from runlora_nb.widgets.dashboard import TAB_TITLES
+from runlora_nb.widgets.runs_view import RunsPanel
 
 
 def test_dashboard_composes_the_panels_over_one_picker(tmp_path):
     dash = dashboard("tiny-llama", race=SMALL_LAYER, finetune={"steps": 2, "output_dir": str(tmp_path / "a")})
     assert isinstance(dash, widgets.VBox)
     assert dash.tabs.titles == TAB_TITLES
-    assert [type(p) for p in dash.tabs.children] == [ModelPicker, ChainRace, LoRALab, FineTunePanel]
+    assert [type(p) for p in dash.tabs.children] == [
+        ModelPicker,
+        ChainRace,
+        LoRALab,
+        FineTunePanel,
+        RunsPanel,
+    ]
     shared = dash.picker.controller
     assert dash.race.controller.picker is shared and dash.finetune.controller.picker is shared
     assert dash.picker.task.join(60) and not shared.stale  # autoload ran in the background
@@ -25,8 +32,14 @@ def test_dashboard_composes_the_panels_over_one_picker(tmp_path):
     dash.race.race_button.click()
     assert dash.race.controller.join(60)
     assert set(dash.race.controller.result["rank"]) == {12}
+    # a finished fine-tune shows up in the Runs tab without a click on Refresh
+    before = len(dash.runs.controller.runs)
+    dash.finetune.controller.run()
+    assert len(dash.runs.controller.runs) == before + 1
+    assert len(dash.runs.picker.options) == before + 1
+    dash.tabs.selected_index = 4  # opening the tab re-reads the ledger too
     tree = all_widgets(dash)
-    figures = [dash.race.figure, dash.lab.figure, dash.finetune.figure]
+    figures = [dash.race.figure, dash.lab.figure, dash.finetune.figure, dash.runs.figure]
     dash.close()
     assert all(w.comm is None for w in tree + figures)
     assert len(shared.listeners) == 0
