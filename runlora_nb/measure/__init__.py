@@ -1,13 +1,14 @@
 """Measure layer: races (layers, grids, whole models), the saved-tensor X-ray and memory estimates.
 
 Owns: :mod:`.spec` (frozen settings, results, columns), :mod:`.layer_race`, :mod:`.grid`, :mod:`.model_race`,
-:mod:`.xray` and :mod:`.estimate`. May import common, core, planning, nn, integrations and assets; never tuning,
+:mod:`.xray`, :mod:`.estimate` and :mod:`.memory_ledger` (predict, then measure). May import common, core, planning, nn, integrations and assets; never tuning,
 app or widgets. Results are tidy pandas DataFrames; nothing here draws.
 """
 
 from .estimate import estimate_memory
 from .grid import check_targets, geomean, grid_specs, race_grid
 from .layer_race import race_layer
+from .memory_ledger import MemoryLedger
 from .model_race import MODEL_COLUMNS, ModelRace, adapter_variants, race_model, random_batch
 from .spec import DTYPES, GRID, LAYER_COLUMNS, SPEC_COLUMNS, LayerSpec, Measurement, dtype_name
 from .xray import compare_saved_tensors, layer_saved_tensors, saved_tensors_report
@@ -20,6 +21,7 @@ __all__ = [
     "SPEC_COLUMNS",
     "LayerSpec",
     "Measurement",
+    "MemoryLedger",
     "ModelRace",
     "adapter_variants",
     "check_targets",

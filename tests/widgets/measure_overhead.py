@@ -1,8 +1,9 @@
-"""How much a FineTunePanel attached to a run slows training, against the bare engine (not a test: a script).
+"""How much the run ledger + a FineTunePanel slow training, against the bare engine (not a test: a script).
 
-Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.tuning.FineTuner` in a
-background thread and once through a :class:`~runlora_nb.widgets.FineTunePanel` (controller callbacks,
-throttled chart redraws, status and progress widgets); the order alternates between pairs. The time per step is
+Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.tuning.FineTuner` (no
+ledger) in a background thread and once through a :class:`~runlora_nb.widgets.FineTunePanel` (the run ledger's
+files, controller callbacks, throttled chart redraws, status and progress widgets); the order alternates
+between pairs. The time per step is
 the wall time between consecutive step events (so it includes the callbacks), median over the steps after the
 first two. Run it in a kernel for real widget traffic, or as a script (the widgets then serialise their state
 but have no frontend)::
@@ -29,7 +30,7 @@ def per_step_seconds(steps) -> float:
 
 
 def bare(config: FineTuneConfig) -> float:
-    trainer = FineTuner(config)
+    trainer = FineTuner(config, ledger=False)
     trainer.start()
     return per_step_seconds(trainer.join().steps)
 

@@ -1,0 +1,55 @@
+"""The memory ledger: predicted activation bytes against exact saved_tensors_hooks measurements."""
+
+from __future__ import annotations
+
+import pytest
+
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.measure.memory_ledger import MemoryLedger, block_of
+
+# two batch shapes per model, both beyond the probes (B = 1, 2; S = 8, 16, 24); SmolLM2's kept small for CI
+SHAPES = {"tiny-llama": [(2, 64), (4, 128)], "smollm2-135m": [(1, 48), (3, 64)]}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_activation_prediction_within_10_percent_of_the_measurement(name):
+    model, _ = load_model(name)
+    ledger = MemoryLedger(model, r=8, alpha=16, dropout=0.05, probe_seq=8)
+    for batch, seq in SHAPES[name]:
+        df = ledger.compare(batch, seq).set_index("backend")
+        assert set(df.index) == {"peft", "runlora"}
+        assert ((df["ratio"] - 1).abs() <= 0.10).all(), df.to_string()
+        # runlora_nb keeps less than PEFT (no dropout copy, no X·A)
+        assert df.loc["runlora", "activation_bytes_measured"] < df.loc["peft", "activation_bytes_measured"]
+    pred = ledger.predict(*SHAPES[name][-1]).set_index("backend")
+    assert (pred["fit_residual"] < 1e-6).all()  # the polynomial holds on the probes themselves
+    row = pred.loc["runlora"]
+    assert row["optimizer_bytes"] == 2 * row["adapter_bytes"] and row["grad_bytes"] == row["adapter_bytes"]
+    parts = ["weights_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes"]
+    assert row["total_bytes"] == sum(row[p] for p in parts) + row["temporaries_bytes"]
+
+
+def test_per_block_and_largest_batch():
+    model, _ = load_model("tiny-llama")
+    ledger = MemoryLedger(model, backends=("runlora",))
+    blocks = ledger.per_block(2, 64, "runlora")
+    assert "model.layers.0" in set(blocks["block"]) and "other" in set(blocks["block"])
+    assert (blocks["predicted_bytes"] == blocks["measured_bytes"]).all()
+    total3 = int(ledger.predict(3, 64)["total_bytes"].iloc[0])
+    assert ledger.largest_batch(total3, 64, "runlora") == 3
+    assert ledger.largest_batch(total3 - 1, 64, "runlora") == 2
+    assert ledger.largest_batch(1, 64, "runlora") == 0
+
+
+def test_block_of_and_bad_input():
+    assert block_of("model.layers.3.mlp.up_proj.lora_A") == "model.layers.3"
+    assert block_of("transformer.h.11.attn") == "transformer.h.11"
+    assert block_of("lm_head") == "other"
+    model, _ = load_model("tiny-llama")
+    with pytest.raises(ValueError, match="unknown backend 'lora'"):
+        MemoryLedger(model, backends=("lora",))
+    ledger = MemoryLedger(model, backends=("runlora",))
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        ledger.predict(0, 64)
+    with pytest.raises(ValueError, match="budget_bytes must be > 0"):
+        ledger.largest_batch(0, 64, "runlora")
