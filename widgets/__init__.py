@@ -8,10 +8,12 @@ the core; controllers import no widget, so scripts and tests drive them directly
 * :class:`LoRALab` / :class:`LabController`: FLOPs per pair, the winner over (N, r), saved tensors.
 * :class:`FineTunePanel` / :class:`FineTuneController`: train with live curves, Stop, PEFT overlay.
 * :class:`RunsPanel` / :class:`RunsController`: the run ledger: curves overlaid, config diff, samples.
+* :class:`ChatPanel`: A/B chat (base vs tuned, or two adapters), streamed, with Stop.
 * :class:`TrainerMonitor`: live charts of any HF ``Trainer`` / TRL ``SFTTrainer`` run (and a ledger record).
 * :func:`dashboard`: all of them in tabs (Model, Chain race, LoRA lab, Fine-tune, Runs), sharing one picker.
 """
 
+from .chat_view import ChatPanel
 from .dashboard import Dashboard, dashboard
 from .finetune import FineTuneController, FineTuneSettings, RunTrace
 from .finetune_view import FineTunePanel
@@ -27,6 +29,7 @@ from .trainer_monitor import TrainerMonitor
 
 __all__ = [
     "ChainRace",
+    "ChatPanel",
     "Dashboard",
     "FineTuneController",
     "FineTunePanel",
