@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runs_cli
+from . import poc_cli, runs_cli
 from .tables import format_layer_table
 
 __all__ = ["format_layer_table", "main"]
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 40, --fast 20)")
     runs_cli.add_parsers(sub)
+    poc_cli.add_parsers(sub)
     return parser
 
 
@@ -303,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bench", "grid"): _bench_grid,
         ("bench", "model"): _bench_model,
         **runs_cli.handlers(),
+        **poc_cli.handlers(),
     }
     key = (args.command, getattr(args, "what", None))
     handler = (

@@ -1,0 +1,106 @@
+"""``runlora-nb export`` and ``runlora-nb memory``: the proof-of-concept answers from a shell.
+
+Examples:
+    runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf --out exports/smol
+    runlora-nb memory --model smollm2-135m --batch 4 --seq 256 --rank 16 --budget-gib 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parsers", "handlers"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def add_parsers(sub) -> None:
+    """Add the ``export`` and ``memory`` subcommands to the CLI's subparsers."""
+    from ..tuning.export import FORMATS
+
+    ex = sub.add_parser(
+        "export", help="export a tuned model (PEFT adapter, merged folder, GGUF) with a parity check"
+    )
+    ex.add_argument("--model", required=True, help="zoo name or local model folder (the base)")
+    ex.add_argument(
+        "--adapter", required=True, help="the adapter folder (PEFT format, e.g. a run's adapter/)"
+    )
+    ex.add_argument("--format", default="merged", choices=FORMATS)
+    ex.add_argument("--out", required=True, help="destination folder (replaced atomically)")
+    ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"], help="GGUF tensor type")
+
+    mem = sub.add_parser("memory", help="predict a fine-tune's memory, then measure it (PEFT vs runlora_nb)")
+    mem.add_argument("--model", default="tiny-llama", help="zoo name or local folder")
+    mem.add_argument("--batch", type=_positive_int, default=4)
+    mem.add_argument("--seq", type=_positive_int, default=128)
+    mem.add_argument("--rank", "-r", type=_positive_int, default=8)
+    mem.add_argument("--dropout", type=float, default=0.05)
+    mem.add_argument(
+        "--budget-gib", type=_positive_float, default=None, help="also: the largest batch that fits"
+    )
+    mem.add_argument("--no-measure", action="store_true", help="predict only (no full-size forward)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..tuning.export import export_from_files
+
+    result = export_from_files(args.model, args.adapter, args.format, args.out, dtype=args.dtype)
+    print(f"{result.format} export: {result.path} ({', '.join(result.files)})")
+    return 0
+
+
+def _mib(n) -> str:
+    return "–" if n is None or n != n else f"{n / 2**20:,.1f}"
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from ..assets.zoo import load_model
+    from ..measure.memory_ledger import MemoryLedger
+
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"memory: --dropout must be in [0, 1), got {args.dropout}")
+    model, _ = load_model(args.model)
+    ledger = MemoryLedger(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
+    pred = ledger.predict(args.batch, args.seq)
+    cols = ["weights_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
+            "temporaries_bytes", "total_bytes"]  # fmt: skip
+    print(f"{args.model}, batch {args.batch} × seq {args.seq}, r={args.rank}, dropout {args.dropout} (MiB):")
+    print(f"{'backend':<9}" + "".join(f"{c.removesuffix('_bytes'):>13}" for c in cols))
+    for _, row in pred.iterrows():
+        print(f"{row['backend']:<9}" + "".join(f"{_mib(row[c]):>13}" for c in cols))
+    if not args.no_measure:
+        cmp = ledger.compare(args.batch, args.seq)
+        for _, row in cmp.iterrows():
+            print(
+                f"measured {row['backend']}: activations {_mib(row['activation_bytes_measured'])} GiB "
+                f"(predicted {_mib(row['activation_bytes_predicted'])}, ratio {row['ratio']:.3f})"
+            )
+    if args.budget_gib:
+        budget = int(args.budget_gib * 2**30)
+        for backend in ledger.backends:
+            fits = ledger.largest_batch(budget, args.seq, backend)
+            print(f"largest batch within {args.budget_gib} GiB at seq {args.seq}, {backend}: {fits}")
+    return 0
+
+
+def handlers() -> dict:
+    """(command, subcommand) → handler for the CLI's dispatch table."""
+    return {("export", None): _export, ("memory", None): _memory}

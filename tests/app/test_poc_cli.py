@@ -1,0 +1,52 @@
+"""`runlora-nb memory` and `runlora-nb export` end to end, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runlora_nb.app.cli import main
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.adapters import save_adapter
+from runlora_nb.integrations.inject import apply_runlora
+
+
+def test_memory_predicts_measures_and_fits_a_budget(capsys):
+    assert (
+        main(["memory", "--model", "tiny-llama", "--batch", "2", "--seq", "64", "--budget-gib", "0.01"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "activation" in out and "temporaries" in out
+    assert "measured runlora: activations" in out and "ratio 1.000" in out
+    assert "largest batch within 0.01 GiB at seq 64, runlora:" in out
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--seq", "-3"], ["--budget-gib", "0"]])
+def test_memory_bad_arguments_are_one_clear_line(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["memory", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected a positive" in err and "Traceback" not in err
+
+
+def test_export_peft_writes_the_adapter_and_a_parity_report(tmp_path, capsys):
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "export"
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"),
+                 "--format", "peft", "--out", str(out)]) == 0  # fmt: skip
+    assert "peft export:" in capsys.readouterr().out
+    assert (out / "adapter_config.json").is_file()
+    assert "max_logit_diff" in json.dumps(json.loads((out / "parity.json").read_text()))
+
+
+def test_export_of_a_missing_adapter_is_an_error_line(tmp_path, capsys):
+    code = main(
+        ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runlora-nb: error:") and "Traceback" not in err
