@@ -233,8 +233,8 @@ class PickerController:
         return {"total": loaded.total_params + trainable, "trainable": trainable, "targets": len(paths)}
 
     def estimate(self) -> pd.DataFrame:
-        """Training memory for the current choice with PEFT and with runlora_nb (``estimate_memory``: runs one
-        forward of each on copies of the loaded model). Notifies ``"estimate"``."""
+        """Training memory for the current choice with PEFT and with runlora_nb (``estimate_memory``: the memory
+        ledger's prediction from tiny probe forwards on copies of the loaded model). Notifies ``"estimate"``."""
         from runlora_nb.measure import estimate_memory
 
         loaded = self.ensure_loaded()

@@ -209,6 +209,7 @@ class ModelPicker(Panel):
                 "weights": df["weights_bytes"].map(fmt_bytes),
                 "adapters + grads + AdamW": df["adapter_bytes"].map(fmt_bytes),
                 "saved activations": df["activation_bytes"].map(fmt_bytes),
+                "logits + loss temporaries": df["temporaries_bytes"].map(fmt_bytes),
                 "total": df["total_bytes"].map(fmt_bytes),
             }
         )

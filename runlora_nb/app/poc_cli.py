@@ -90,7 +90,7 @@ def _memory(args: argparse.Namespace) -> int:
         cmp = ledger.compare(args.batch, args.seq)
         for _, row in cmp.iterrows():
             print(
-                f"measured {row['backend']}: activations {_mib(row['activation_bytes_measured'])} GiB "
+                f"measured {row['backend']}: activations {_mib(row['activation_bytes_measured'])} MiB "
                 f"(predicted {_mib(row['activation_bytes_predicted'])}, ratio {row['ratio']:.3f})"
             )
     if args.budget_gib:

@@ -151,6 +151,7 @@ def test_xray_and_memory_estimate_of_a_model():
     assert list(est.backend) == ["peft", "runlora"]
     est = est.set_index("backend")
     assert est.loc["runlora", "activation_bytes"] < est.loc["peft", "activation_bytes"]
-    assert est.loc["runlora", "weights_bytes"] == sum(p.numel() * 4 for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert est.loc["runlora", "weights_bytes"] == weights
     assert [p.requires_grad for p in model.parameters()] == flags  # the caller's model is untouched
     assert isinstance(est, pd.DataFrame) and not math.isnan(est.total_bytes.sum())
