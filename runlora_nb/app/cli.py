@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--dtypes", default="fp32,bf16", help="comma list (default fp32,bf16)")
     grid.add_argument("--dropouts", default="0,0.1", help="comma list (default 0,0.1)")
     grid.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"])
+    grid.add_argument("--device", default="cpu", help="cpu or cuda")
     _add_output_args(grid)
 
     model = bench.add_parser("model", help="a whole model's training step: no adapters vs PEFT vs runlora_nb")
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--targets", default="all-linear", help="'all-linear' or comma list of names")
     model.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"])
     model.add_argument("--plans", type=Path, help="write the per-module plan table as CSV")
+    model.add_argument("--device", default="cpu", help="cpu or cuda")
     _add_output_args(model)
 
     plan = sub.add_parser("plan", help="which chain pair each planner mode picks for a shape, and why")
@@ -161,6 +163,7 @@ def _bench_grid(args: argparse.Namespace) -> int:
         dtypes=[norm(d) for d in args.dtypes.split(",")],
         dropouts=[float(p) for p in args.dropouts.split(",")],
         mode=args.mode,
+        device=args.device,
     )
     print(f"grid: {len(specs)} rows, {args.reps} interleaved rounds each; {_machine()}")
 
@@ -211,6 +214,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         mode=args.mode,
         reps=args.reps,
         warmup=args.warmup,
+        device=args.device,
     )
     table = result.times
     show = pd.DataFrame(

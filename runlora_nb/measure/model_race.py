@@ -43,6 +43,7 @@ MODEL_COLUMNS = [
     "ratio_peft",
     "saved_bytes",
     "saved_over_peft",
+    "peak_bytes",
     "tokens_per_s",
     "reps",
     "model",
@@ -134,6 +135,7 @@ def race_model(
     on_round: Callable[[int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     shuffle_seed: int | None = 0,
+    device: str = "cpu",
 ) -> ModelRace:
     """Time a whole training step (forward + backward) without adapters, with PEFT and with runlora_nb.
 
@@ -153,25 +155,42 @@ def race_model(
         on_round: called with the round index between rounds, outside every timing (a chart draws here).
         shuffle_seed: seed of the per-round candidate order; ``None`` keeps a fixed order.
         cancel: polled between steps; stops early (``times.attrs["cancelled"]``).
+        device: ``"cpu"`` or a CUDA device (each candidate's copy and the batch move there; CUDA is
+            synchronised around every timed step and ``peak_bytes`` is the allocator's peak of one step).
 
     Returns:
         A :class:`ModelRace`.
+
+    Raises:
+        ValueError: a CUDA device on a machine (or torch build) without CUDA.
     """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"race_model: device {device!r} asked for, but this torch build sees no CUDA device "
+            f"(torch {torch.__version__}); use device='cpu'"
+        )
     base_model = load_for_race(model, dtype_name(dtype))
     name = model if isinstance(model, str) else type(model).__name__
     alpha = 2 * r if alpha is None else alpha
     variants = adapter_variants(
         base_model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, mode=mode
     )
-    data = random_batch(base_model, batch, seq)
+    data = {k: v.to(device) for k, v in random_batch(base_model, batch, seq).items()}
+    for m in variants.values():
+        m.to(device)
+    cuda = torch.device(device).type == "cuda"
     labels = {"base": "no adapters", "peft": "peft", "runlora": "runlora"}
     kinds = {"base": "floor", "peft": "peft", "runlora": "plan"}
-    cands = {}
+    cands, peak = {}, {}
     with torch.random.fork_rng(devices=[]):
         for key, m in variants.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             with SavedTensorRecorder(m) as rec:
                 loss = m(**data).loss
             loss.backward()
+            peak[labels[key]] = torch.cuda.max_memory_allocated(device) if cuda else None
             cands[labels[key]] = Candidate(labels[key], kinds[key], m, saved_bytes=rec.activation_bytes())
         steps = {c.name: _model_step(c.module, data) for c in cands.values()}
         collected: dict[str, list[float]] = {}
@@ -187,7 +206,13 @@ def race_model(
         cancelled = False
         try:
             interleaved(
-                steps, warmup=warmup, reps=reps, cancel=cancel, on_round=keep, shuffle_seed=shuffle_seed
+                steps,
+                warmup=warmup,
+                reps=reps,
+                cancel=cancel,
+                on_round=keep,
+                shuffle_seed=shuffle_seed,
+                device=device,
             )
         except Cancelled:
             cancelled = True
@@ -203,6 +228,7 @@ def race_model(
             "ratio_peft": med.get(c.name, math.nan) / peft_t,
             "saved_bytes": c.saved_bytes,
             "saved_over_peft": c.saved_bytes / peft_saved if peft_saved else math.nan,
+            "peak_bytes": peak.get(c.name),
             "tokens_per_s": batch * seq / med.get(c.name, math.nan),
             "reps": len(collected.get(c.name, [])),
             "model": name,

@@ -10,6 +10,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from runlora_nb.core.chains import valid_pairs
 from runlora_nb.measure import (
@@ -155,3 +156,10 @@ def test_xray_and_memory_estimate_of_a_model():
     assert est.loc["runlora", "weights_bytes"] == weights
     assert [p.requires_grad for p in model.parameters()] == flags  # the caller's model is untouched
     assert isinstance(est, pd.DataFrame) and not math.isnan(est.total_bytes.sum())
+
+
+def test_race_model_refuses_cuda_without_a_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/cuda covers the GPU path")
+    with pytest.raises(ValueError, match=r"sees no CUDA device.*device='cpu'"):
+        race_model("tiny-llama", batch=1, seq=8, r=2, reps=1, device="cuda")
