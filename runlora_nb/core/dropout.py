@@ -9,6 +9,9 @@ The mask of element j (row-major index in the flattened (N, i) input) is
     keep(j)  ⟺  splitmix64(seed + (j + 1)·φ) mod 2¹⁶  ≥  T,        T = round(p·2¹⁶)
 
 a counter-based generator (splitmix64 passes BigCrush), so any element's bit can be computed independently.
+Under data-parallel training every rank draws the same seed (``transformers.set_seed`` seeds them alike), so the
+drawn seed is mixed with the distributed rank (:func:`distributed_rank`): ranks get different masks, rank 0 keeps
+the undistributed seed, and a rerun with the same seeds is bit-identical.
 On CPU one fused kernel (numba, compiled once and cached) streams X and writes D(X) in a single pass — no mask
 tensor, no random-number buffer — about 5× faster than a chain of torch ops; elsewhere (CUDA, or without numba)
 the same function runs as torch integer ops. Both give the same bits on every device.
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DropoutMask", "draw_seed", "fused_kernels_available", "keep_mask"]
+__all__ = ["DropoutMask", "distributed_rank", "draw_seed", "fused_kernels_available", "keep_mask"]
 
 _LEVELS = 1 << 16
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
 _UINT_OF = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _PARALLEL_MIN = 1 << 18  # elements; below this one thread is faster than two
@@ -43,6 +47,18 @@ _lock = threading.Lock()
 _kernels: tuple | None = None
 _kernels_failed = False
 _pool: ThreadPoolExecutor | None = None
+
+
+def _reset_after_fork() -> None:
+    """In a forked child the pool's threads do not exist (only the forking thread survives) and a lock may be
+    held forever by a thread that is gone: start from a fresh lock and no pool (created again on first use)."""
+    global _lock, _pool
+    _lock = threading.Lock()
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; notebook_launcher and multiprocessing "fork" copy this module
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @dataclass(frozen=True)
@@ -81,9 +97,46 @@ class DropoutMask:
         return _masked(x, self, inplace=True)
 
 
+def distributed_rank() -> int:
+    """This process's data-parallel rank: ``torch.distributed.get_rank()`` once a process group is initialized,
+    else the ``RANK`` then ``LOCAL_RANK`` environment variable (torchrun and accelerate set them before the group
+    exists), else 0.
+
+    Raises:
+        ValueError: ``RANK`` / ``LOCAL_RANK`` is set but is not a non-negative integer.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit():
+                raise ValueError(
+                    f"runlora_nb.core.dropout: environment variable {name}={value!r} is not a non-negative "
+                    f"integer rank; unset it or set it to this process's rank (0, 1, ...)"
+                )
+            return int(value)
+    return 0
+
+
+def mix_rank(seed: int, rank: int) -> int:
+    """The 63-bit mask seed of ``rank`` from the seed every rank drew: ``seed`` itself on rank 0, else a splitmix64
+    finalisation of ``seed ^ rank·M`` (a bijection of the seed per rank, so ranks' mask streams do not overlap
+    by a shift as ``seed + rank`` would)."""
+    if rank == 0:
+        return seed
+    z = ((seed ^ ((rank * _M2) & _MASK64)) + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
 def draw_seed() -> int:
-    """Draw a mask seed from torch's default CPU generator (repeatable under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+    """Draw a mask seed from torch's default CPU generator (repeatable under ``torch.manual_seed``), mixed with
+    :func:`distributed_rank` so data-parallel ranks drop different elements."""
+    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+    return mix_rank(seed, distributed_rank())
 
 
 def _threshold(p: float) -> int:
@@ -209,7 +262,9 @@ def _run_split(fn, arrays: tuple[np.ndarray, ...], seed: np.uint64, threshold: n
         fn(*arrays, np.uint64(1), seed, threshold)
         return
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runlora-mask")
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runlora-mask")
     mid = numel // 2
     halves = (
         (tuple(a[:mid] for a in arrays), np.uint64(1)),

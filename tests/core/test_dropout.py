@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,3 +72,90 @@ def test_seeds_follow_torch_manual_seed():
     a = draw_seed()
     torch.manual_seed(5)
     assert draw_seed() == a and 0 <= a < 2**63
+
+
+@pytest.fixture
+def no_rank_env(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def seeds_of(monkeypatch, rank: str | None, n: int = 70, env: str = "RANK") -> list[int]:
+    if rank is None:
+        monkeypatch.delenv(env, raising=False)
+    else:
+        monkeypatch.setenv(env, rank)
+    torch.manual_seed(7)
+    return [draw_seed() for _ in range(n)]
+
+
+def test_ranks_draw_different_seeds_and_rank_0_keeps_the_plain_seed(no_rank_env):
+    plain = seeds_of(no_rank_env, None)
+    rank0, rank1, rank2 = (seeds_of(no_rank_env, r) for r in ("0", "1", "2"))
+    assert rank0 == plain  # single-process runs and rank 0 are unchanged
+    assert all(a != b for a, b in zip(rank0, rank1, strict=True))  # 70 of 70 differ (was 0 of 70)
+    assert all(len({a, b, c}) == 3 for a, b, c in zip(rank0, rank1, rank2, strict=True))
+    assert seeds_of(no_rank_env, "1") == rank1  # reproducible per rank
+    assert all(0 <= s < 2**63 for s in rank1 + rank2)
+    assert seeds_of(no_rank_env, "1", env="LOCAL_RANK") == rank1  # LOCAL_RANK when RANK is unset
+    masks = [DropoutMask(0.1, s[0]).keep((300, 300)) for s in (rank0, rank1)]
+    agree = (masks[0] == masks[1]).float().mean().item()
+    assert abs(agree - (0.9**2 + 0.1**2)) < 0.01  # independent masks, not shifted copies
+
+
+def test_initialized_process_group_rank_wins_over_the_environment(no_rank_env):
+    dist = torch.distributed
+    no_rank_env.setenv("RANK", "0")
+    no_rank_env.setattr(dist, "is_initialized", lambda: True)
+    no_rank_env.setattr(dist, "get_rank", lambda group=None: 3)
+    assert dropout.distributed_rank() == 3
+    torch.manual_seed(7)
+    raw = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+    torch.manual_seed(7)
+    assert draw_seed() == dropout.mix_rank(raw, 3) != raw
+
+
+@pytest.mark.parametrize("bad", ["-1", "one", "1.5"])
+def test_a_malformed_rank_variable_is_refused(no_rank_env, bad):
+    no_rank_env.setenv("RANK", bad)
+    with pytest.raises(ValueError, match=r"RANK=.*non-negative integer"):
+        draw_seed()
+
+
+FORK_SCRIPT = """
+import os, sys, time
+import torch
+from runlora_nb.core import dropout
+from runlora_nb.core.dropout import DropoutMask
+assert dropout.fused_kernels_available()
+x = torch.randn(1024, 1024)  # above the two-thread threshold: the parent starts the mask pool
+mask = DropoutMask(0.1, 11)
+ref = mask.apply(x)
+assert dropout._pool is not None
+pid = os.fork()
+if pid == 0:
+    ok = torch.equal(mask.apply(x), ref) and torch.equal(DropoutMask(0.1, 11).apply_(x.clone()), ref)
+    os._exit(0 if ok else 1)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+        print(f"child exit {code}")
+        sys.exit(0 if code == 0 else 1)
+    time.sleep(0.05)
+os.kill(pid, 9)
+print("forked child hung in a large dropout call (dead mask thread pool)")
+sys.exit(3)
+"""
+
+
+def test_a_forked_child_can_run_large_dropout_calls(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, (
+        f"fork test failed (rc {proc.returncode}): {proc.stdout}\n{proc.stderr[-2000:]}"
+    )
+    assert "child exit 0" in proc.stdout
