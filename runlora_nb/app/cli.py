@@ -7,6 +7,7 @@ Examples:
     runlora-nb plan --tokens 4096 --in 768 --out 768 --rank 8
     runlora-nb demo --fast
     runlora-nb train --model tiny-llama --steps 40 [--resume ID];  runlora-nb runs list|show|compare|rm
+    runlora-nb sweep --model tiny-llama --r 4,8 --lr 1e-3,3e-3 --steps 20 --trials 4 --study NAME
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runs_cli
+from . import runs_cli, sweep_cli
 from .tables import format_layer_table
 
 __all__ = ["format_layer_table", "main"]
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 40, --fast 20)")
     runs_cli.add_parsers(sub)
+    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -303,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bench", "grid"): _bench_grid,
         ("bench", "model"): _bench_model,
         **runs_cli.handlers(),
+        **sweep_cli.handlers(),
     }
     key = (args.command, getattr(args, "what", None))
     handler = (
