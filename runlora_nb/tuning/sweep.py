@@ -111,11 +111,13 @@ def _recover(study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _trial_is_dead(t):
             continue
-        storage = study._storage
+        storage, queued = study._storage, t.user_attrs.get("outcome") in ("stopped", "interrupted")
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
+            if not queued:  # a Stop or Ctrl-C already queued it again before the process died
+                storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
             if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
-                _requeue(study, t)
+                if not queued:
+                    _requeue(study, t)
                 failed.append(t.number)
     return failed
 
@@ -417,7 +419,7 @@ def run_sweep(
 
     t0 = time.monotonic()
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are in the leaderboard (error column)
     try:
         study = open_study(
             study_name, storage, space, setup, _make_sampler(sampler, space, seed), _make_pruner(pruner)

@@ -188,6 +188,27 @@ def test_stop_ends_the_running_trial_and_resume_reruns_it(tmp_path):
     assert len(retried) == 1  # the stopped trial's settings were queued again and finished
 
 
+def test_ctrl_c_mid_trial_is_raised_and_resume_reruns_the_trial(tmp_path):
+    class CtrlCInSecondTrial(Callback):
+        started = 0
+
+        def on_start(self, trainer, event):
+            CtrlCInSecondTrial.started += 1
+
+        def on_step(self, trainer, event):
+            if CtrlCInSecondTrial.started == 2:
+                raise KeyboardInterrupt
+
+    kwargs = {"config": _config(tmp_path), "pruner": None}
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep("tiny-llama", "sonnets", GRID, 2, 3, "c", tmp_path / "c.db",
+                  callbacks=[CtrlCInSecondTrial()], **kwargs)  # fmt: skip
+    df = run_sweep("tiny-llama", "sonnets", GRID, 2, 3, "c", tmp_path / "c.db", **kwargs).set_index("trial")
+    assert df.loc[1, "status"] == "interrupted" and (df.status == "complete").sum() == 3 and len(df) == 4
+    assert load_run(df.loc[1, "run_id"], tmp_path / "runs").status == "interrupted"
+    assert len(df[(df.r == df.loc[1, "r"]) & (df.lr == df.loc[1, "lr"])]) == 2  # queued again once
+
+
 KILLED_SWEEP = textwrap.dedent(
     """
     import os, signal, sys
