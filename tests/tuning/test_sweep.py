@@ -209,6 +209,23 @@ def test_ctrl_c_mid_trial_is_raised_and_resume_reruns_the_trial(tmp_path):
     assert len(df[(df.r == df.loc[1, "r"]) & (df.lr == df.loc[1, "lr"])]) == 2  # queued again once
 
 
+def test_a_failing_trial_is_recorded_with_its_error_and_uses_up_budget(tmp_path):
+    class FailFirstTrial(Callback):
+        started = 0
+
+        def on_start(self, trainer, event):
+            FailFirstTrial.started += 1
+
+        def on_step(self, trainer, event):
+            if FailFirstTrial.started == 1:
+                raise RuntimeError("boom")
+
+    df = run_sweep("tiny-llama", "sonnets", GRID, 2, 2, "f", tmp_path / "f.db", pruner=None,
+                   callbacks=[FailFirstTrial()], config=_config(tmp_path)).set_index("trial")  # fmt: skip
+    assert list(df.status) == ["complete", "failed"] and df.loc[0, "error"] == "RuntimeError: boom"
+    assert load_run(df.loc[0, "run_id"], tmp_path / "runs").status == "failed"
+
+
 KILLED_SWEEP = textwrap.dedent(
     """
     import os, signal, sys
