@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runs_cli, sweep_cli
+from . import runs_cli
 from .tables import format_layer_table
 
 __all__ = ["format_layer_table", "main"]
@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="runlora-nb", description="RunLoRA: faster and lighter LoRA, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import sweep_cli
+
+    sweep_cli.add_parser(sub)
 
     bench = sub.add_parser("bench", help="race chains, PEFT and the frozen floor").add_subparsers(
         dest="what", required=True
@@ -99,7 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 40, --fast 20)")
     runs_cli.add_parsers(sub)
-    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -300,12 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``runlora-nb`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    from .sweep_cli import handlers as sweep_handlers
+
     handlers = {
+        **sweep_handlers(),
         ("bench", "layer"): _bench_layer,
         ("bench", "grid"): _bench_grid,
         ("bench", "model"): _bench_model,
         **runs_cli.handlers(),
-        **sweep_cli.handlers(),
     }
     key = (args.command, getattr(args, "what", None))
     handler = (
