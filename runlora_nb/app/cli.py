@@ -7,6 +7,7 @@ Examples:
     runlora-nb plan --tokens 4096 --in 768 --out 768 --rank 8
     runlora-nb demo --fast
     runlora-nb train --model tiny-llama --steps 40 [--resume ID];  runlora-nb runs list|show|compare|rm
+    runlora-nb sweep --model tiny-llama --r 4,8 --lr 1e-3,3e-3 --steps 20 --trials 4 --study NAME
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="runlora-nb", description="RunLoRA: faster and lighter LoRA, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import sweep_cli
+
+    sweep_cli.add_parser(sub)
 
     bench = sub.add_parser("bench", help="race chains, PEFT and the frozen floor").add_subparsers(
         dest="what", required=True
@@ -303,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``runlora-nb`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    from .sweep_cli import handlers as sweep_handlers
+
     handlers = {
+        **sweep_handlers(),
         ("bench", "layer"): _bench_layer,
         ("bench", "grid"): _bench_grid,
         ("bench", "model"): _bench_model,

@@ -1,7 +1,8 @@
 """Tuning layer: the fine-tuning engine and what grows around it (configs, events, runs, sweeps, evaluation, export).
 
 Owns: :mod:`.config` (:class:`FineTuneConfig`), :mod:`.events` (events, callbacks, results), :mod:`.engine`
-(:class:`FineTuner`), :mod:`.runs` (the run ledger), :mod:`.checkpoint` (resumable state) and :mod:`.guards`. May import common, core, planning, nn, integrations, assets and measure; never app or
+(:class:`FineTuner`), :mod:`.runs` (the run ledger), :mod:`.checkpoint` (resumable state), :mod:`.guards`, :mod:`.space`
+(:class:`SearchSpace`) and :mod:`.sweep` (optuna sweeps over the ledger). May import common, core, planning, nn, integrations, assets and measure; never app or
 widgets. The loop emits events and never draws.
 """
 
@@ -19,6 +20,8 @@ from .events import (
     TrainResult,
 )
 from .runs import Run, RunLedger, compare, list_runs, load_run, remove_run
+from .space import SearchSpace
+from .sweep import leaderboard, run_sweep
 
 __all__ = [
     "Callback",
@@ -32,13 +35,16 @@ __all__ = [
     "Run",
     "RunLedger",
     "SampleEvent",
+    "SearchSpace",
     "StartEvent",
     "StepEvent",
     "TrainResult",
     "compare",
     "enable_checkpointing",
+    "leaderboard",
     "list_runs",
     "load_run",
     "remove_run",
+    "run_sweep",
     "with_backend",
 ]
