@@ -15,10 +15,12 @@ from .picker_view import ModelPicker
 from .race import RaceController
 from .race_view import ChainRace
 from .runs_view import RunsPanel
+from .sweep import SweepController
+from .sweep_view import SweepPanel
 
 __all__ = ["TAB_TITLES", "Dashboard", "dashboard"]
 
-TAB_TITLES = ("Model", "Chain race", "LoRA lab", "Fine-tune", "Runs")
+TAB_TITLES = ("Model", "Chain race", "LoRA lab", "Fine-tune", "Sweep", "Runs")
 RUNS_TAB = TAB_TITLES.index("Runs")
 
 
@@ -32,6 +34,7 @@ class Dashboard(widgets.VBox):
         race: the :class:`ChainRace`.
         lab: the :class:`LoRALab`.
         finetune: the :class:`FineTunePanel`.
+        sweep: the :class:`SweepPanel`.
         runs: the :class:`RunsPanel`.
         tabs: the ``ipywidgets.Tab``.
         panels: the panels, in tab order.
@@ -44,17 +47,23 @@ class Dashboard(widgets.VBox):
         autoload: bool = True,
         race: dict[str, Any] | None = None,
         finetune: dict[str, Any] | None = None,
+        sweep: dict[str, Any] | None = None,
     ) -> None:
         picker = PickerController(model)
         self.picker = ModelPicker(picker, autoload=autoload)
         self.race = ChainRace(RaceController(picker, **(race or {})))
         self.lab = LoRALab()
         self.finetune = FineTunePanel(FineTuneController(picker, **(finetune or {})))
+        self.sweep = SweepPanel(SweepController(**(sweep or {})))
         self.runs = RunsPanel()
-        self.panels = (self.picker, self.race, self.lab, self.finetune, self.runs)
+        self.panels = (self.picker, self.race, self.lab, self.finetune, self.sweep, self.runs)
         self.tabs = widgets.Tab(children=list(self.panels), titles=TAB_TITLES)
         self.tabs.observe(self._tab_opened, names="selected_index")
         unsubscribe = self.finetune.controller.subscribe(
+            self.runs.guard(self._finetune_event, where="runs refresh")
+        )
+        self.runs.add_cleanup(unsubscribe)
+        unsubscribe = self.sweep.controller.subscribe(
             self.runs.guard(self._finetune_event, where="runs refresh")
         )
         self.runs.add_cleanup(unsubscribe)
@@ -66,7 +75,7 @@ class Dashboard(widgets.VBox):
             self.runs.guard(self.runs.refresh, where="runs refresh")()
 
     def _finetune_event(self, kind: str, payload: Any) -> None:
-        if kind in ("end", "finished"):
+        if kind in ("end", "finished", "done"):  # a fine-tune or a sweep added runs to the ledger
             self.runs.refresh()
 
     def close(self) -> None:
@@ -86,14 +95,16 @@ def dashboard(
     autoload: bool = True,
     race: dict[str, Any] | None = None,
     finetune: dict[str, Any] | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> Dashboard:
-    """The runlora_nb dashboard: pick a model, race the chains, explore the arithmetic, fine-tune.
+    """The runlora_nb dashboard: pick a model, race the chains, explore the arithmetic, fine-tune, sweep, compare.
 
     Args:
         model: the picker's model (default: ``smollm2-135m`` when cached, else ``tiny-llama``).
         autoload: load the model in a background thread right away (the widget shows at once).
         race: initial :class:`~runlora_nb.widgets.race.RaceSettings` fields (e.g. ``{"tokens": 256}``).
         finetune: initial :class:`~runlora_nb.widgets.finetune.FineTuneSettings` fields (e.g. ``{"steps": 20}``).
+        sweep: initial :class:`~runlora_nb.widgets.sweep.SweepSettings` fields (e.g. ``{"r": "4,8,16"}``).
 
     Returns:
         The :class:`Dashboard` widget (display it; ``close()`` releases everything).
@@ -103,4 +114,4 @@ def dashboard(
         >>> dash = dashboard()
         >>> dash  # in a notebook cell
     """
-    return Dashboard(model, autoload=autoload, race=race, finetune=finetune)
+    return Dashboard(model, autoload=autoload, race=race, finetune=finetune, sweep=sweep)

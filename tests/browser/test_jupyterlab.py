@@ -244,6 +244,13 @@ _BAR_POINTS = """([panel, index]) => {
   const traces = plot.querySelectorAll('.barlayer .trace.bars');
   return traces.length > index ? traces[index].querySelectorAll('.point path').length : 0;
 }"""
+# lines with at least two points in one panel's plotly chart (one per sweep trial)
+_LINE_COUNT = """(panel) => {
+  const plot = document.querySelector(`.${panel} .js-plotly-plot`);
+  if (!plot) return 0;
+  return [...plot.querySelectorAll('.scatterlayer .trace.scatter .js-line')]
+    .filter(l => (l.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length >= 2).length;
+}"""
 # the notebook toolbar's execution indicator says idle (JupyterLab 4); a Lab without it counts as idle
 _TOOLBAR_IDLE = """() => {
   const ind = document.querySelector('.jp-Notebook-ExecutionIndicator');
@@ -391,6 +398,20 @@ def test_dashboard_in_jupyterlab(jupyterlab):
                 limit_s=60,
             )
 
+            # a 4-trial rank × lr sweep started from the Sweep tab: four validation curves and a leaderboard
+            page.locator(".lm-TabBar-tab", has_text="Sweep").click()
+            page.locator(".runlora-sweep button", has_text="Start").click()
+            stages.wait(
+                "sweep done",
+                "() => /done/.test(document.querySelector('.runlora-sweep .runlora-status')?.innerText || '')",
+            )
+            curves = stages.wait(
+                "sweep curves", f"(p) => ({_LINE_COUNT})(p) >= 4 ? ({_LINE_COUNT})(p) : 0", "runlora-sweep"
+            )
+            assert curves == 4
+            rows = page.evaluate("() => document.querySelectorAll('.runlora-leaderboard tbody tr').length")
+            assert rows == 4
+
             # an honest race: a noise check (the planner's layer against three copies of itself, on a layer big
             # enough to time, 1024 x 512 -> 512, 30 rounds) gives medians within ±10% of each other
             page.locator(".lm-TabBar-tab", has_text="Chain race").click()
@@ -441,7 +462,7 @@ def test_dashboard_in_jupyterlab(jupyterlab):
             shots = os.environ.get("RUNLORA_NB_SCREENSHOTS")
             if shots:
                 Path(shots).mkdir(parents=True, exist_ok=True)
-                for k, title in enumerate(("Model", "Chain race", "LoRA lab", "Fine-tune", "Runs")):
+                for k, title in enumerate(("Model", "Chain race", "LoRA lab", "Fine-tune", "Sweep", "Runs")):
                     page.locator(".lm-TabBar-tab", has_text=title).click()
                     page.wait_for_timeout(700)
                     page.locator(".jp-OutputArea-output", has=page.locator(".runlora-race")).screenshot(

@@ -8,6 +8,7 @@ from panel_helpers import SMALL_LAYER, all_widgets
 from runlora_nb.widgets import ChainRace, FineTunePanel, LoRALab, ModelPicker, dashboard
 from runlora_nb.widgets.dashboard import TAB_TITLES
 from runlora_nb.widgets.runs_view import RunsPanel
+from runlora_nb.widgets.sweep_view import SweepPanel
 
 
 def test_dashboard_composes_the_panels_over_one_picker(tmp_path):
@@ -19,6 +20,7 @@ def test_dashboard_composes_the_panels_over_one_picker(tmp_path):
         ChainRace,
         LoRALab,
         FineTunePanel,
+        SweepPanel,
         RunsPanel,
     ]
     shared = dash.picker.controller
@@ -37,9 +39,9 @@ def test_dashboard_composes_the_panels_over_one_picker(tmp_path):
     dash.finetune.controller.run()
     assert len(dash.runs.controller.runs) == before + 1
     assert len(dash.runs.picker.options) == before + 1
-    dash.tabs.selected_index = 4  # opening the tab re-reads the ledger too
+    dash.tabs.selected_index = TAB_TITLES.index("Runs")  # opening the tab re-reads the ledger too
     tree = all_widgets(dash)
-    figures = [dash.race.figure, dash.lab.figure, dash.finetune.figure, dash.runs.figure]
+    figures = [dash.race.figure, dash.lab.figure, dash.finetune.figure, dash.runs.figure, dash.sweep.figure]
     dash.close()
     assert all(w.comm is None for w in tree + figures)
     assert len(shared.listeners) == 0
