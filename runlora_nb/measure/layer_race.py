@@ -225,6 +225,8 @@ def race_layer(
     """
     if twins < 0:
         raise ValueError(f"race_layer: twins must be ≥ 0, got {twins}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"race_layer: reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     if noise_check:
         cands = _candidates(spec, False, False, twins=max(twins, 3), include_frozen=False)
     else:

@@ -157,6 +157,11 @@ def race_model(
     Returns:
         A :class:`ModelRace`.
     """
+    if min(batch, seq, r, reps) < 1 or warmup < 0:
+        raise ValueError(
+            f"race_model: batch, seq, r and reps must be >= 1 and warmup >= 0, got batch={batch}, seq={seq}, "
+            f"r={r}, reps={reps}, warmup={warmup}"
+        )
     base_model = load_for_race(model, dtype_name(dtype))
     name = model if isinstance(model, str) else type(model).__name__
     alpha = 2 * r if alpha is None else alpha

@@ -57,3 +57,82 @@ def test_models_and_console_script():
         timeout=120,
     )
     assert "tiny-llama" in proc.stdout and "smollm2-135m" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- issue 14
+
+
+def _clean_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("runlora-nb: error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["bench", "layer", "--reps", "0"], ["--reps", "positive integer"]),
+        (["bench", "layer", "--warmup", "-1"], ["--warmup"]),
+        (["bench", "model", "--batch", "0"], ["--batch", "positive integer"]),
+        (["bench", "model", "--seq", "x"], ["--seq", "integer"]),
+        (["demo", "--steps", "-5"], ["--steps", "positive integer"]),
+        (["demo", "--steps", "0"], ["--steps", "positive integer"]),
+        (["plan", "--tokens", "0"], ["--tokens", "positive integer"]),
+        (["plan", "--dropout", "2"], ["--dropout", "[0, 1)"]),
+        (["plan", "--needs", "foo"], ["--needs", "dX, dA, dB"]),
+        (["plan", "--rank", "2.5"], ["--rank", "integer"]),
+    ],
+)
+def test_bad_arguments_are_one_clean_line_before_anything_runs(argv, fragments, capsys, monkeypatch):
+    import runlora_nb.app.demo as demo
+
+    monkeypatch.setattr(demo, "race_layer", lambda *a, **k: pytest.fail("the demo must not start"))
+    assert main(argv) == 2
+    _clean_error(capsys, *fragments)
+
+
+def test_cuda_on_a_cpu_machine_is_a_clean_error(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "layer", "--device", "cuda", "--reps", "1"]) == 2
+    _clean_error(capsys, "--device", "use --device cpu")
+    from runlora_nb.measure import LayerSpec
+
+    with pytest.raises(ValueError, match="device='cpu'"):
+        LayerSpec(device="cuda")
+
+
+def test_race_functions_refuse_zero_reps():
+    from runlora_nb.measure import LayerSpec, race_layer, race_model
+
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        race_layer(LayerSpec(8, 8, 8, 2), reps=0)
+    with pytest.raises(ValueError, match="batch=0"):
+        race_model("tiny-llama", batch=0)
+
+
+def test_demo_out_is_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.write_text("not a folder")
+    assert main(["demo", "--fast", "--out", str(out)]) == 2
+    _clean_error(capsys, "exists and is not a folder")
+    from runlora_nb.app.demo import run_demo
+
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        run_demo(tmp_path / "d", fast=True, steps=0)
+
+
+def test_read_only_cache_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a cache root below a plain file cannot be created, even by root
+    monkeypatch.setenv("RUNLORA_NB_CACHE", str(blocker / "cache"))
+    monkeypatch.delenv("RUNLORA_NB_MODEL_CACHE", raising=False)
+    assert main(["plan", "--tokens", "64", "--in", "32", "--out", "32", "--rank", "4", "--recalibrate"]) == 2
+    _clean_error(capsys, "RUNLORA_NB_CACHE")
