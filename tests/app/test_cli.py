@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from runlora_nb.app.cli import main
 
@@ -71,9 +72,6 @@ def _clean_error(capsys, *fragments: str) -> str:
     return err
 
 
-import pytest  # noqa: E402
-
-
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
@@ -136,3 +134,45 @@ def test_read_only_cache_is_a_clean_error(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RUNLORA_NB_MODEL_CACHE", raising=False)
     assert main(["plan", "--tokens", "64", "--in", "32", "--out", "32", "--rank", "4", "--recalibrate"]) == 2
     _clean_error(capsys, "RUNLORA_NB_CACHE")
+
+
+def test_plan_mode_flops_prices_by_formulas_only(capsys, monkeypatch):
+    from runlora_nb.planning import costmodel, planner, timing
+
+    def boom(*args, **kwargs):
+        raise AssertionError("plan --mode flops must not time or allocate anything")
+
+    for module, name in [(timing, "pair_step"), (planner, "pair_step"), (planner, "interleaved")]:
+        monkeypatch.setattr(module, name, boom)
+    monkeypatch.setattr(costmodel, "calibrate", boom)
+    monkeypatch.setattr(planner, "time_pairs", boom)
+    assert main(["plan", "--tokens", "200000", "--in", "16384", "--out", "16384", "--mode", "flops"]) == 0
+    out = capsys.readouterr().out
+    assert "[flops]" in out and "[auto]" not in out and "[timed]" not in out
+
+
+def test_huge_layer_race_is_refused_before_allocating(capsys, monkeypatch):
+    import runlora_nb.measure.layer_race as layer_race
+    from runlora_nb.common import sysmem
+
+    monkeypatch.setattr(layer_race, "make_base", lambda *a, **k: pytest.fail("allocated before the check"))
+    if sysmem.available_bytes() is None or sysmem.available_bytes()[0] > 64 << 30:
+        monkeypatch.setattr(sysmem, "available_bytes", lambda device="cpu": (24 << 30, "test"))
+    argv = ["bench", "layer", "--tokens", "200000", "--in", "16384", "--out", "16384", "--reps", "1"]
+    assert main(argv) == 2
+    _clean_error(capsys, "GiB", "available", "--tokens")
+
+    monkeypatch.setattr(sysmem, "available_bytes", lambda device="cpu": (1 << 20, "test"))
+    with pytest.raises(ValueError, match=r"(?s)needs about .*MiB.*only 1\.0 MiB is available"):
+        layer_race.race_layer(layer_race.LayerSpec(4096, 256, 256, 4), reps=1)
+
+
+def test_timed_planner_refuses_a_shape_that_cannot_fit(monkeypatch):
+    from runlora_nb.common import sysmem
+    from runlora_nb.planning import planner
+
+    monkeypatch.setattr(sysmem, "available_bytes", lambda device="cpu": (1 << 20, "test"))
+    monkeypatch.setattr(planner, "pair_step", lambda *a, **k: pytest.fail("allocated before the check"))
+    planner.clear_cache()
+    with pytest.raises(ValueError, match=r"(?s)planner \(mode 'timed'\).*mode='flops'"):
+        planner.plan_chains(8192, 512, 512, 4, mode="timed")
