@@ -164,6 +164,11 @@ def race_model(
         )
     base_model = load_for_race(model, dtype_name(dtype))
     name = model if isinstance(model, str) else type(model).__name__
+    config = getattr(base_model, "config", None)
+    if config is not None:
+        from ..assets.loading import check_positions
+
+        check_positions(config, seq, repr(name), "race_model")
     alpha = 2 * r if alpha is None else alpha
     variants = adapter_variants(
         base_model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, mode=mode

@@ -176,3 +176,9 @@ def test_timed_planner_refuses_a_shape_that_cannot_fit(monkeypatch):
     planner.clear_cache()
     with pytest.raises(ValueError, match=r"(?s)planner \(mode 'timed'\).*mode='flops'"):
         planner.plan_chains(8192, 512, 512, 4, mode="timed")
+
+
+def test_train_seq_beyond_the_positions_is_a_clean_error(tmp_path, capsys):
+    argv = ["train", "--model", "tiny-gpt2", "--seq", "1024", "--steps", "1", "--runs-dir", str(tmp_path)]
+    assert main(argv) == 2
+    _clean_error(capsys, "seq_len=1024", "512 positions", "seq_len <= 512")
