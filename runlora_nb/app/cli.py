@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the offline model zoo")
     fetch = sub.add_parser("fetch", help="download/convert a zoo model into the cache (for offline use)")
     fetch.add_argument("name")
+    fetch.add_argument("--force", action="store_true", help="download/convert again even when cached")
 
     demo = sub.add_parser("demo", help="headless main job: race, fine-tune, write an HTML report")
     demo.add_argument("--fast", action="store_true", help="tiny-llama instead of SmolLM2-135M, few steps")
@@ -290,9 +291,12 @@ def _models(_args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from ..assets.zoo import fetch
+    from ..assets.zoo import cache_problem, fetch
 
-    path = fetch(args.name)
+    if not args.force and cache_problem(args.name) is None:
+        print(f"{args.name} already cached (files verified) at {fetch(args.name)}; --force rebuilds it")
+        return 0
+    path = fetch(args.name, force=args.force)
     print(f"{args.name} cached at {path}")
     return 0
 

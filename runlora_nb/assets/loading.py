@@ -97,6 +97,7 @@ def load_folder(
     num_labels: int,
     *,
     local_files_only: bool = True,
+    fix: str = "",
 ) -> PreTrainedModel:
     """``from_pretrained`` with the zoo's conventions (no remote code, fixed seed for new heads, quiet).
 
@@ -119,11 +120,19 @@ def load_folder(
     except Exception as exc:
         raise RuntimeError(
             f"Loading {folder} for task {task!r} (dtype={dtype}, quantization={quantization}) failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}" + (f" {fix}" if fix else "")
         ) from exc
 
 
-def load_tokenizer(folder: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    folder: str | Path, *, local_files_only: bool = True, fix: str = ""
+) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` on a folder (no remote code).
+
+    Raises:
+        ValueError: no usable tokenizer; the message ends with ``fix`` (default: save one with
+            ``tokenizer.save_pretrained``, the fix for a local folder).
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -133,8 +142,8 @@ def load_tokenizer(folder: str | Path, *, local_files_only: bool = True) -> PreT
             )
     except Exception as exc:
         raise ValueError(
-            f"No usable tokenizer in {folder} ({type(exc).__name__}: {exc}). Save one next to the model with "
-            "tokenizer.save_pretrained(folder)."
+            f"No usable tokenizer in {folder} ({type(exc).__name__}: {exc}). "
+            + (fix or "Save one next to the model with tokenizer.save_pretrained(folder).")
         ) from exc
 
 

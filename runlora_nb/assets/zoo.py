@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..common.paths import atomic_dir, atomic_write_text, cache_dir
+from ..common.paths import atomic_dir, cache_dir
 from .tokenizer import byte_tokenizer
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ from .hf import (
     resolve_dtype,
     resolve_progress,
 )
+from .integrity import MARKER, OWNER, clean_stale, verify, write_manifest, write_owner
 from .loading import (
     check_positions,
     finish,
@@ -60,6 +61,7 @@ __all__ = [
     "QUANTIZATIONS",
     "TASKS",
     "ModelSpec",
+    "cache_problem",
     "check_positions",
     "fetch",
     "is_cached",
@@ -77,7 +79,7 @@ __all__ = [
 ]
 
 
-_MARKER = "runlora_nb.json"  # written last inside a cached model folder: its presence means "complete"
+_MARKER = MARKER
 
 
 @dataclass(frozen=True)
@@ -200,13 +202,38 @@ def is_cached(name: str) -> bool:
         name: a zoo name.
 
     Returns:
-        True for the tiny models (built in memory) and for packaged models whose cache folder is complete.
+        True for the tiny models (built in memory) and for packaged models whose cache folder is complete and
+        matches the sha256 manifest recorded when it was fetched (see :func:`cache_problem`).
 
     Raises:
         ValueError: unknown zoo name.
     """
     spec = _spec(name)
-    return spec.requirement is None or (_model_dir(name) / _MARKER).is_file()
+    return spec.requirement is None or (
+        (_model_dir(name) / _MARKER).is_file() and cache_problem(name) is None
+    )
+
+
+def cache_problem(name: str) -> str | None:
+    """Why the cached copy of a packaged zoo model cannot be used, or None when it is complete and intact.
+
+    Sizes and sha256 hashes of its files are checked against those recorded at fetch time (a file is hashed
+    again only when its size or mtime changed).
+
+    Args:
+        name: a zoo name.
+
+    Returns:
+        None, or a sentence (``not fetched yet``, a missing or corrupt file).
+    """
+    folder = _model_dir(name)
+    if not (folder / _MARKER).is_file():
+        return "not fetched yet"
+    return verify(folder)
+
+
+def _repair_hint(name: str) -> str:
+    return f"run `runlora-nb fetch {name} --force` (or runlora_nb.assets.zoo.fetch({name!r}, force=True)) to rebuild it"
 
 
 def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -> Path:
@@ -219,7 +246,8 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
         name: ``smollm2-135m`` or ``minilm-l6``.
         progress: ``progress(stage, fraction)`` with stages ``download``, ``extract``, ``convert`` (GGUF
             only), ``save``, ``done`` and fractions in [0, 1]; None prints one line per stage.
-        force: rebuild even when already cached.
+        force: rebuild even when already cached and intact. Without it a cached copy that fails its sha256
+            check is rebuilt too (with a message).
 
     Returns:
         The cached model folder (``config.json``, ``model.safetensors``, tokenizer files, ``LICENSE``).
@@ -232,11 +260,19 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
     if spec.requirement is None:
         raise ValueError(f"{name!r} is a random-init model built in memory; there is nothing to fetch.")
     target = _model_dir(name)
-    if is_cached(name) and not force:
-        return target
+    clean_stale(target.parent)  # temporary folders of a fetch that was killed
+    if (target / _MARKER).is_file() and not force:
+        problem = verify(target)
+        if problem is None:
+            return target
+        print(
+            f"[runlora_nb] {name}: the cached copy in {target} is damaged ({problem}); fetching again",
+            flush=True,
+        )
     report = resolve_progress(name, progress)
     start = time.perf_counter()
     with atomic_dir(target) as tmp:
+        write_owner(tmp)
         work = tmp / "_download"
         report("download", 0.0)
         wheel = pypi_download(spec.requirement, work)
@@ -256,8 +292,9 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
             report("save", 1.0)
         shutil.rmtree(work)
         check_loadable(tmp)
-        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 1}
-        atomic_write_text(tmp / _MARKER, json.dumps(marker, indent=2) + "\n")
+        (tmp / OWNER).unlink()
+        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 2}
+        write_manifest(tmp, marker)  # files 0644 (umask permitting), sizes and sha256 in the marker
     report("done", 1.0)
     if progress is None:
         print(f"[runlora_nb] {name}: cached in {target} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -340,8 +377,19 @@ def _load_zoo(
         if quantization is not None:
             return quantize_tiny(model, task, dtype, quantization, num_labels), tokenizer
         return model.to(dtype), tokenizer
-    folder = fetch(spec.name, progress)
-    return load_folder(folder, task, dtype, quantization, num_labels), load_tokenizer(folder)
+    folder = _model_dir(spec.name)
+    if (folder / _MARKER).is_file():
+        problem = verify(folder)
+        if problem is not None:
+            raise RuntimeError(
+                f"The cached {spec.name} in {folder} is damaged: {problem}; {_repair_hint(spec.name)}."
+            )
+    else:
+        folder = fetch(spec.name, progress)
+    fix = f"If the cache is damaged, {_repair_hint(spec.name)}."
+    return load_folder(folder, task, dtype, quantization, num_labels, fix=fix), load_tokenizer(
+        folder, fix=fix
+    )
 
 
 def _load_local(

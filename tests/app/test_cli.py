@@ -182,3 +182,26 @@ def test_train_seq_beyond_the_positions_is_a_clean_error(tmp_path, capsys):
     argv = ["train", "--model", "tiny-gpt2", "--seq", "1024", "--steps", "1", "--runs-dir", str(tmp_path)]
     assert main(argv) == 2
     _clean_error(capsys, "seq_len=1024", "512 positions", "seq_len <= 512")
+
+
+def test_fetch_force_repairs_a_corrupt_cache(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from runlora_nb.assets import zoo
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "assets"))
+    from test_zoo import _fake_fetch, _zero_tail
+
+    monkeypatch.setenv("RUNLORA_NB_MODEL_CACHE", str(tmp_path / "models"))
+    calls = _fake_fetch(monkeypatch)
+    assert main(["fetch", "minilm-l6"]) == 0 and len(calls) == 1
+    assert main(["fetch", "minilm-l6"]) == 0 and len(calls) == 1
+    assert "already cached (files verified)" in capsys.readouterr().out
+    _zero_tail(tmp_path / "models" / "minilm-l6" / "model.safetensors", 4096)
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("minilm-l6"))
+    assert "False" in row  # cached=False: the sha256 check failed
+    assert main(["fetch", "minilm-l6"]) == 0 and len(calls) == 2  # a damaged copy is fetched again
+    assert "damaged" in capsys.readouterr().out and zoo.is_cached("minilm-l6")
+    assert main(["fetch", "minilm-l6", "--force"]) == 0 and len(calls) == 3
+    assert zoo.is_cached("minilm-l6")
