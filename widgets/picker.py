@@ -281,6 +281,8 @@ def _validate(c: PickerChoice) -> None:
 
     if not str(c.model).strip():
         raise ValueError("model: give a zoo name or a local folder")
+    if isinstance(c.r, bool) or not isinstance(c.r, int):
+        raise ValueError(f"r (the LoRA rank) must be a positive int, got {c.r!r}")
     if c.r < 1 or c.batch_size < 1 or c.seq_len < 8:
         raise ValueError(
             f"sizes must be positive (r={c.r}, batch_size={c.batch_size}, seq_len={c.seq_len} ≥ 8)"

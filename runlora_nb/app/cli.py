@@ -21,37 +21,46 @@ from pathlib import Path
 import pandas as pd
 
 from . import poc_cli, runs_cli
+from .argtypes import CleanParser, device, dropout, needs, nonneg_int, positive_int
 from .tables import format_layer_table
 
 __all__ = ["format_layer_table", "main"]
 
 
-def _add_layer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", "-N", type=int, default=2048, help="N = batch × sequence (default 2048)")
-    p.add_argument("--in", dest="in_features", type=int, default=1024, help="in_features i (default 1024)")
-    p.add_argument("--out", dest="out_features", type=int, default=1024, help="out_features o (default 1024)")
-    p.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank (default 16)")
+def _add_layer_args(
+    p: argparse.ArgumentParser, mode_default: str | None = "auto", mode_help: str = "default auto"
+) -> None:
+    p.add_argument(
+        "--tokens", "-N", type=positive_int, default=2048, help="N = batch × sequence (default 2048)"
+    )
+    p.add_argument(
+        "--in", dest="in_features", type=positive_int, default=1024, help="in_features i (default 1024)"
+    )
+    p.add_argument(
+        "--out", dest="out_features", type=positive_int, default=1024, help="out_features o (default 1024)"
+    )
+    p.add_argument("--rank", "-r", type=positive_int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--dtype", default="fp32", help="base dtype: fp32, bf16, fp16 (default fp32)")
     p.add_argument("--adapter-dtype", default=None, help="adapter dtype (default: same as --dtype)")
-    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (default 0)")
+    p.add_argument("--dropout", type=dropout, default=0.0, help="adapter dropout (default 0)")
     p.add_argument(
         "--quant", default="", choices=["", "nf4", "fp4", "int8"], help="quantized base (bitsandbytes)"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"], help="planner mode")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--mode", default=mode_default, choices=["auto", "flops", "timed"], help=f"planner mode ({mode_help})"
+    )
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reps", type=int, default=7, help="timed rounds (default 7)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--reps", type=positive_int, default=7, help="timed rounds (default 7)")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--csv", type=Path, help="also write the tidy table as CSV")
     p.add_argument("--json", type=Path, help="also write the tidy table as JSON records")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="runlora-nb", description="RunLoRA: faster and lighter LoRA, measured."
-    )
+    parser = CleanParser(prog="runlora-nb", description="RunLoRA: faster and lighter LoRA, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import sweep_cli
 
@@ -71,38 +80,41 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--dtypes", default="fp32,bf16", help="comma list (default fp32,bf16)")
     grid.add_argument("--dropouts", default="0,0.1", help="comma list (default 0,0.1)")
     grid.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"])
-    grid.add_argument("--device", default="cpu", help="cpu or cuda")
+    grid.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     _add_output_args(grid)
 
     model = bench.add_parser("model", help="a whole model's training step: no adapters vs PEFT vs runlora_nb")
     model.add_argument("--model", default="llama-135m-shapes", help="zoo name or local folder")
-    model.add_argument("--batch", type=int, default=4)
-    model.add_argument("--seq", type=int, default=256)
-    model.add_argument("--rank", "-r", type=int, default=16)
+    model.add_argument("--batch", type=positive_int, default=4)
+    model.add_argument("--seq", type=positive_int, default=256)
+    model.add_argument("--rank", "-r", type=positive_int, default=16)
     model.add_argument("--alpha", type=float, default=None, help="default 2·rank")
-    model.add_argument("--dropout", type=float, default=0.05)
+    model.add_argument("--dropout", type=dropout, default=0.05)
     model.add_argument("--dtype", default="fp32")
     model.add_argument("--targets", default="all-linear", help="'all-linear' or comma list of names")
     model.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"])
     model.add_argument("--plans", type=Path, help="write the per-module plan table as CSV")
-    model.add_argument("--device", default="cpu", help="cpu or cuda")
+    model.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
     _add_output_args(model)
 
     plan = sub.add_parser("plan", help="which chain pair each planner mode picks for a shape, and why")
-    _add_layer_args(plan)
-    plan.add_argument("--needs", default="dX,dA,dB", help="gradients needed (default dX,dA,dB)")
+    _add_layer_args(plan, None, "default: show all three")
+    plan.add_argument("--needs", type=needs, default="dx,da,db", help="gradients needed (default dX,dA,dB)")
     plan.add_argument("--recalibrate", action="store_true", help="measure this machine's cost model again")
 
     sub.add_parser("models", help="list the offline model zoo")
     fetch = sub.add_parser("fetch", help="download/convert a zoo model into the cache (for offline use)")
     fetch.add_argument("name")
+    fetch.add_argument("--force", action="store_true", help="download/convert again even when cached")
 
     demo = sub.add_parser("demo", help="headless main job: race, fine-tune, write an HTML report")
     demo.add_argument("--fast", action="store_true", help="tiny-llama instead of SmolLM2-135M, few steps")
     demo.add_argument(
         "--out", type=Path, default=Path("artifacts"), help="report folder (default artifacts/)"
     )
-    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 40, --fast 20)")
+    demo.add_argument(
+        "--steps", type=positive_int, default=None, help="fine-tuning steps (default 40, --fast 20)"
+    )
     runs_cli.add_parsers(sub)
     poc_cli.add_parsers(sub)
     return parser
@@ -265,7 +277,7 @@ def _plan(args: argparse.Namespace) -> int:
     print(
         f"N={shape[0]} i={shape[1]} o={shape[2]} r={shape[3]} {dtype} dropout={args.dropout} needs={needs.label()}"
     )
-    for mode in ("flops", "auto", "timed"):
+    for mode in (args.mode,) if args.mode else ("flops", "auto", "timed"):  # flops: formulas only
         plan = plan_chains(
             *shape,
             needs=needs,
@@ -288,9 +300,12 @@ def _models(_args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from ..assets.zoo import fetch
+    from ..assets.zoo import cache_problem, fetch
 
-    path = fetch(args.name)
+    if not args.force and cache_problem(args.name) is None:
+        print(f"{args.name} already cached (files verified) at {fetch(args.name)}; --force rebuilds it")
+        return 0
+    path = fetch(args.name, force=args.force)
     print(f"{args.name} cached at {path}")
     return 0
 
@@ -306,7 +321,10 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``runlora-nb`` command; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
     from .sweep_cli import handlers as sweep_handlers
 
     handlers = {
@@ -326,6 +344,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError) as err:
         print(f"runlora-nb: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only cache, a full disk, a file where a folder should be
+        print(f"runlora-nb: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an OSError, naming the path and, for the cache, the variable that moves it."""
+    from ..common.paths import cache_root
+
+    where = err.filename or ""
+    text = f"{err.strerror or err}: {where}" if where else str(err)
+    root = cache_root()
+    if where and Path(where).resolve().is_relative_to(root.resolve()):
+        text += f" (the runlora_nb cache {root} is not writable; set RUNLORA_NB_CACHE to a writable folder)"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

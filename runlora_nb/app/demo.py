@@ -40,10 +40,24 @@ class DemoPlan:
 def _plan(fast: bool, steps: int | None) -> DemoPlan:
     if fast:
         return DemoPlan(
-            "tiny-llama", steps or 20, 8, 64, 8, 3e-3, 3, LayerSpec(512, 128, 128, 8, dropout=0.05)
+            "tiny-llama",
+            20 if steps is None else steps,
+            8,
+            64,
+            8,
+            3e-3,
+            3,
+            LayerSpec(512, 128, 128, 8, dropout=0.05),
         )
     return DemoPlan(
-        "smollm2-135m", steps or 40, 4, 128, 8, 1e-3, 5, LayerSpec(512, 576, 576, 8, dropout=0.05)
+        "smollm2-135m",
+        40 if steps is None else steps,
+        4,
+        128,
+        8,
+        1e-3,
+        5,
+        LayerSpec(512, 576, 576, 8, dropout=0.05),
     )
 
 
@@ -57,8 +71,20 @@ def run_demo(out_dir: str | Path = "artifacts", fast: bool = False, steps: int |
 
     Returns:
         Path of ``report.html``.
+
+    Raises:
+        ValueError: ``steps`` is not a positive integer, or ``out_dir`` is an existing file (both checked
+            before anything runs).
     """
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(
+            f"run_demo: steps must be a positive integer (or None for the default), got {steps!r}"
+        )
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"run_demo: out_dir {out} exists and is not a folder; pass a folder (new or existing)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(fast, steps)
     t0 = time.perf_counter()

@@ -9,27 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import dropout, positive_float, positive_int
+
 __all__ = ["add_parsers", "handlers"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def add_parsers(sub) -> None:
@@ -49,12 +31,12 @@ def add_parsers(sub) -> None:
 
     mem = sub.add_parser("memory", help="predict a fine-tune's memory, then measure it (PEFT vs runlora_nb)")
     mem.add_argument("--model", default="tiny-llama", help="zoo name or local folder")
-    mem.add_argument("--batch", type=_positive_int, default=4)
-    mem.add_argument("--seq", type=_positive_int, default=128)
-    mem.add_argument("--rank", "-r", type=_positive_int, default=8)
-    mem.add_argument("--dropout", type=float, default=0.05)
+    mem.add_argument("--batch", type=positive_int, default=4)
+    mem.add_argument("--seq", type=positive_int, default=128)
+    mem.add_argument("--rank", "-r", type=positive_int, default=8)
+    mem.add_argument("--dropout", type=dropout, default=0.05)
     mem.add_argument(
-        "--budget-gib", type=_positive_float, default=None, help="also: the largest batch that fits"
+        "--budget-gib", type=positive_float, default=None, help="also: the largest batch that fits"
     )
     mem.add_argument("--no-measure", action="store_true", help="predict only (no full-size forward)")
 
@@ -75,8 +57,6 @@ def _memory(args: argparse.Namespace) -> int:
     from ..assets.zoo import load_model
     from ..measure.memory_ledger import MemoryLedger
 
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"memory: --dropout must be in [0, 1), got {args.dropout}")
     model, _ = load_model(args.model)
     ledger = MemoryLedger(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
     pred = ledger.predict(args.batch, args.seq)

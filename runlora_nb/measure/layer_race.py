@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..common.sysmem import check_fits
 from ..core.chains import Needs, pair_flops, valid_pairs
 from ..core.memory import SavedTensorRecorder
 from ..nn.layer import RunLoRALinear
@@ -31,6 +32,7 @@ __all__ = [
     "make_base",
     "measurement_of",
     "peft_layer",
+    "race_bytes",
     "race_layer",
     "runlora_layer",
     "twin_names",
@@ -103,6 +105,26 @@ def runlora_layer(base: nn.Module, spec: LayerSpec, chain) -> RunLoRALinear:
     ).train()
     _random_b(layer.lora_B.weight)
     return layer
+
+
+def race_bytes(spec: LayerSpec, include_peft: bool = True) -> int:
+    """Estimated peak bytes of a layer race, counted before anything is allocated.
+
+    The base weight (built in fp32 first) and PEFT's copy of it, the input, its gradient, the output and its
+    gradient, the dropout mask, a merged weight, and the fp32 staging of the random data.
+
+    Args:
+        spec: the layer.
+        include_peft: PEFT's copy of the base weight is counted.
+
+    Returns:
+        Bytes (an estimate, on the generous side).
+    """
+    n, i, o, _ = spec.shape
+    item = spec.torch_dtype.itemsize
+    weights = i * o * (item * (2 + (include_peft and not spec.quant)) + 4)
+    activations = item * (n * i * (2 + (spec.dropout > 0)) + 2 * n * o) + 4 * max(n * i, n * o)
+    return weights + activations
 
 
 def twin_names(twins: int) -> list[str]:
@@ -225,6 +247,14 @@ def race_layer(
     """
     if twins < 0:
         raise ValueError(f"race_layer: twins must be ≥ 0, got {twins}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"race_layer: reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    check_fits(
+        race_bytes(spec, include_peft and not noise_check),
+        f"race_layer: the layer race on {spec.label()}",
+        "use fewer tokens (--tokens) or smaller in/out features (--in/--out)",
+        spec.device,
+    )
     if noise_check:
         cands = _candidates(spec, False, False, twins=max(twins, 3), include_frozen=False)
     else:

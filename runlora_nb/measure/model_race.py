@@ -169,8 +169,18 @@ def race_model(
             f"race_model: device {device!r} asked for, but this torch build sees no CUDA device "
             f"(torch {torch.__version__}); use device='cpu'"
         )
+    if min(batch, seq, r, reps) < 1 or warmup < 0:
+        raise ValueError(
+            f"race_model: batch, seq, r and reps must be >= 1 and warmup >= 0, got batch={batch}, seq={seq}, "
+            f"r={r}, reps={reps}, warmup={warmup}"
+        )
     base_model = load_for_race(model, dtype_name(dtype))
     name = model if isinstance(model, str) else type(model).__name__
+    config = getattr(base_model, "config", None)
+    if config is not None:
+        from ..assets.loading import check_positions
+
+        check_positions(config, seq, repr(name), "race_model")
     alpha = 2 * r if alpha is None else alpha
     variants = adapter_variants(
         base_model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, mode=mode

@@ -68,6 +68,11 @@ class LayerSpec:
             raise ValueError(f"LayerSpec: quant must be '', 'nf4', 'fp4' or 'int8', got {self.quant!r}")
         if min(self.tokens, self.in_features, self.out_features, self.rank) <= 0:
             raise ValueError(f"LayerSpec: sizes must be positive, got {self}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"LayerSpec: device {self.device!r} is not available here (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use device='cpu'"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from ..common.paths import atomic_write_text, cache_dir
+from ..common.sysmem import check_fits
 from ..core.chains import ALL, BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
 from . import costmodel
 from .timing import interleaved, pair_step
@@ -284,6 +285,14 @@ def time_pairs(
     per_round = sum(predicted[p] for p in keep)
     reps = int(max(1, min(5, budget_s / max(per_round, 1e-9) - 1)))
     dtype, adapter = getattr(torch, key.base_dtype), getattr(torch, key.adapter_dtype)
+    n, i, o, _ = shape
+    per_pair = dtype.itemsize * (2 * n * i + i * o + 3 * n * o) + 4 * max(n * i, n * o, i * o)
+    check_fits(
+        len(keep) * per_pair,
+        f"planner (mode 'timed'): timing {len(keep)} chain pairs on N={n} {i}→{o}",
+        "plan with mode='flops' or 'auto' (formulas, no tensors) or use a smaller shape",
+        key.device,
+    )
     steps = {
         "+".join(p): pair_step(
             p,

