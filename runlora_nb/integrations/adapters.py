@@ -198,7 +198,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by PEFT or by runlora_nb into ``model``, all or nothing.
 
     A model without adapters gets them first (:func:`~runlora_nb.apply_runlora` with the saved r, alpha,
-    dropout, targets and modules_to_save). A model that has them must match: same modules, same r.
+    dropout, targets and modules_to_save; names the model lacks are skipped, as PEFT does for its seq-cls
+    ``["classifier", "score"]``). A model that has them — RunLoRA or PEFT — must match: same modules, same r;
+    its alpha / rsLoRA / dropout become the file's. On any failure the model is left exactly as it was.
 
     Args:
         model: a transformers model, with or without RunLoRA adapters, or a PEFT model.
@@ -208,8 +210,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         The same model (for a model without adapters, now with them).
 
     Raises:
-        AdapterError: missing, corrupt or truncated files; unsupported PEFT features; missing or extra keys;
-            wrong shapes or rank — the message names each module, and nothing is loaded.
+        AdapterError: missing, corrupt or truncated files; a checksum mismatch or NaN/inf tensors; a malformed
+            config field; unsupported PEFT features; missing or extra keys; wrong shapes or rank — the message
+            names each file, field or module, and nothing is loaded.
     """
     directory = resolve_folder(Path(directory).expanduser())
     cfg = read_config(directory)
