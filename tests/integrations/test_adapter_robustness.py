@@ -251,3 +251,14 @@ def test_merge_and_unload_of_a_bare_layer_returns_the_merged_linear():
     assert type(merged) is nn.Linear
     with torch.no_grad():
         assert rel_err(merged(x), want) < 1e-6
+
+
+def test_a_half_written_temp_sibling_is_ignored_by_load_and_cleaned_by_save(tmp_path):
+    out = tmp_path / "adapter"
+    save_adapter(trained(alpha=8), out)
+    half = tmp_path / ".adapter.runlora-new-crashed"
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"\xff" * 10)  # a save killed while writing
+    assert next(iter(runlora_layers(load_adapter(fresh(), out))))[1].scaling == 2.0
+    save_adapter(trained(alpha=16), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
