@@ -1,5 +1,6 @@
 """Integrations layer: Hugging Face PEFT and transformers. Inject RunLoRA layers (``apply_runlora``), convert PEFT
 models in place (``from_peft``), save and load PEFT-format adapters, and tabulate per-module plans.
 
-Owns :mod:`.inject`, :mod:`.adapters` and :mod:`.plans`. May import common, core, planning and nn.
+Owns :mod:`.inject`, :mod:`.surgery`, :mod:`.adapters` (its files in :mod:`.adapter_files`) and :mod:`.plans`.
+May import common, core, planning and nn.
 """

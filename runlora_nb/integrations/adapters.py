@@ -1,15 +1,17 @@
 """Save and load adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (r×i and o×r), plus
-``base_model.model.<module>.<param>`` for ``modules_to_save``. Files are written through a temporary file and a
-rename, so an interrupted save never leaves a half-written file. Loading checks everything first — missing or
-extra keys, shapes, rank, a corrupt or truncated file — and copies nothing unless all of it fits. Only
-safetensors is read (never pickle) and no remote code is ever run.
+``base_model.model.<module>.<param>`` for ``modules_to_save``. A save builds the whole folder aside and swaps it
+in (:func:`~runlora_nb.integrations.adapter_files.write_folder`), so a crash never leaves new weights with an old
+config. Loading checks everything first — the config field by field, the checksum, finite values, missing or
+extra keys, shapes, rank — and copies nothing unless all of it fits; a failed load leaves the model exactly as
+it was. Only safetensors is read (never pickle) and no remote code is ever run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,28 +20,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common.paths import atomic_write_bytes, atomic_write_text
 from ..nn.layer import RunLoRALinear
+from .adapter_files import (
+    CONFIG_NAME,
+    UNSUPPORTED,
+    WEIGHTS_NAME,
+    AdapterError,
+    read_config,
+    read_tensors,
+    resolve_folder,
+    weights_blob,
+    write_file,
+    write_folder,
+)
 from .inject import RunLoRAConfig, apply_runlora, runlora_layers
+from .surgery import saved_module_paths, unchanged_on_error
 
 __all__ = ["AdapterError", "load_adapter", "save_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+_REEXPORTED = (CONFIG_NAME, UNSUPPORTED)  # still importable from here
 PREFIX = "base_model.model."
-UNSUPPORTED = {
-    "use_dora": "DoRA",
-    "lora_bias": "lora_bias",
-    "layers_to_transform": "layers_to_transform",
-    "rank_pattern": "rank_pattern (per-module ranks)",
-    "alpha_pattern": "alpha_pattern (per-module alphas)",
-    "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable_token_indices",
-}
-
-
-class AdapterError(ValueError):
-    """An adapter directory does not fit the model, or cannot be read."""
+OWNED = {WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin"}  # replaced by a save, never carried over
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,27 @@ def _slots(model: nn.Module) -> Iterator[_Slot]:
 
 
 def _saved_modules(model: nn.Module, cfg: RunLoRAConfig | None) -> dict[str, torch.Tensor]:
-    if cfg is None:
+    if cfg is None or not cfg.modules_to_save:
         return {}
     out = {}
-    for name in cfg.modules_to_save:
-        for pname, p in model.get_submodule(name).named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = p
+    for path in saved_module_paths(model, cfg.modules_to_save):
+        for pname, p in model.get_submodule(path).state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{path}.{pname}"] = p
+    return out
+
+
+def _peft_saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's ``ModulesToSaveWrapper`` copies of the active adapter, under the keys PEFT saves them with."""
+    from peft.utils import ModulesToSaveWrapper
+
+    inner, _ = _inner_model(model)
+    active = getattr(model, "active_adapter", "default")
+    out = {}
+    for path, mod in inner.named_modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            state = mod.state_dict(keep_vars=True)
+            for saved, live in mod.adapter_state_dict_load_map(active).items():
+                out[f"{PREFIX}{path}.{saved}"] = state[live]
     return out
 
 
@@ -97,7 +113,11 @@ def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
     for slot in _slots(model):
         keys[f"{PREFIX}{slot.path}.lora_A.weight"] = slot.lora_a
         keys[f"{PREFIX}{slot.path}.lora_B.weight"] = slot.lora_b
-    keys.update(_saved_modules(model, getattr(model, "runlora_config", None)))
+    inner, is_peft = _inner_model(model)
+    if is_peft:
+        keys.update(_peft_saved_modules(model))
+    else:
+        keys.update(_saved_modules(inner, getattr(inner, "runlora_config", None)))
     return keys
 
 
@@ -130,20 +150,22 @@ def _peft_config_dict(model: nn.Module, cfg: RunLoRAConfig) -> dict:
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters in PEFT's format.
 
+    The folder is built in a temporary sibling and swapped in by renames: a crash at any moment leaves the old
+    folder or the new one, whole. Other files in an existing folder (a tokenizer, a README) are kept.
+
     Args:
         model: a model prepared by :func:`~runlora_nb.apply_runlora`, or a PEFT model (converted or not).
-        directory: created if needed; existing adapter files are replaced atomically.
+        directory: created if needed; an existing adapter there is replaced.
 
     Returns:
         The directory.
 
     Raises:
-        AdapterError: the model has no adapters.
+        AdapterError: the model has no adapters, or ``directory`` is a file.
     """
-    directory = Path(directory)
     inner, is_peft = _inner_model(model)
     if is_peft:
-        return _save_peft(model, directory)
+        return write_folder(directory, lambda tmp: _fill_peft(model, tmp), OWNED)
     cfg: RunLoRAConfig | None = getattr(inner, "runlora_config", None)
     tensors = _expected(inner)
     if cfg is None or not tensors:
@@ -151,75 +173,34 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             f"save_adapter: {type(model).__name__} has no RunLoRA adapters; call apply_runlora(model) or "
             "from_peft(peft_model) first"
         )
-    from safetensors.torch import save
 
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
-    atomic_write_text(
-        directory / CONFIG_NAME, json.dumps(_peft_config_dict(inner, cfg), indent=2, sort_keys=True)
-    )
-    return directory
+    def fill(tmp: Path) -> None:
+        write_file(tmp / WEIGHTS_NAME, weights_blob(tensors))
+        text = json.dumps(_peft_config_dict(inner, cfg), indent=2, sort_keys=True)
+        write_file(tmp / CONFIG_NAME, text.encode("utf-8"))
 
-
-def _save_peft(model: nn.Module, directory: Path) -> Path:
-    import tempfile
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".save.") as tmp:
-        model.save_pretrained(tmp)
-        for name in (WEIGHTS_NAME, CONFIG_NAME, "README.md"):
-            src = Path(tmp, name)
-            if src.exists():
-                os.replace(src, directory / name)
-    return directory
+    return write_folder(directory, fill, OWNED)
 
 
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise AdapterError(
-            f"load_adapter: {path} is missing; is {directory} a PEFT adapter directory?"
-        ) from err
-    except (OSError, ValueError) as err:
-        raise AdapterError(f"load_adapter: {path} is not valid JSON ({err}); re-save the adapter") from err
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(
-            f"load_adapter: {path} is not a LoRA adapter config (peft_type={cfg.get('peft_type')!r})"
-        )
-    used = [label for key, label in UNSUPPORTED.items() if cfg.get(key)]
-    if used:
-        raise AdapterError(
-            f"load_adapter: {path} uses {', '.join(used)}, which runlora_nb does not run; use PEFT"
-        )
-    return cfg
-
-
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_NAME
-    if not path.exists():
-        bin_path = directory / "adapter_model.bin"
-        hint = (
-            " (only a pickle .bin is there: runlora_nb reads safetensors only)" if bin_path.exists() else ""
-        )
-        raise AdapterError(f"load_adapter: {path} is missing{hint}")
-    from safetensors import SafetensorError
+def _fill_peft(model: nn.Module, tmp: Path) -> None:
+    """PEFT writes the folder; its weights files are rewritten with our checksum in the metadata."""
+    from safetensors import safe_open
     from safetensors.torch import load
 
-    try:
-        return load(path.read_bytes())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterError(
-            f"load_adapter: {path} is corrupt or truncated ({err}); nothing was loaded"
-        ) from err
+    model.save_pretrained(tmp)
+    for path in tmp.rglob(WEIGHTS_NAME):  # adapters other than "default" go in sub-folders
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+        write_file(path, weights_blob(load(path.read_bytes()), meta))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by PEFT or by runlora_nb into ``model``, all or nothing.
 
     A model without adapters gets them first (:func:`~runlora_nb.apply_runlora` with the saved r, alpha,
-    dropout, targets and modules_to_save). A model that has them must match: same modules, same r.
+    dropout, targets and modules_to_save; names the model lacks are skipped, as PEFT does for its seq-cls
+    ``["classifier", "score"]``). A model that has them — RunLoRA or PEFT — must match: same modules, same r;
+    its alpha / rsLoRA / dropout become the file's. On any failure the model is left exactly as it was.
 
     Args:
         model: a transformers model, with or without RunLoRA adapters, or a PEFT model.
@@ -229,36 +210,41 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         The same model (for a model without adapters, now with them).
 
     Raises:
-        AdapterError: missing, corrupt or truncated files; unsupported PEFT features; missing or extra keys;
-            wrong shapes or rank — the message names each module, and nothing is loaded.
+        AdapterError: missing, corrupt or truncated files; a checksum mismatch or NaN/inf tensors; a malformed
+            config field; unsupported PEFT features; missing or extra keys; wrong shapes or rank — the message
+            names each file, field or module, and nothing is loaded.
     """
-    directory = Path(directory)
-    cfg = _read_config(directory)
-    tensors = _read_tensors(directory)
+    directory = resolve_folder(Path(directory).expanduser())
+    cfg = read_config(directory)
+    tensors = read_tensors(directory)
     inner, is_peft = _inner_model(model)
-    if not is_peft and not any(True for _ in runlora_layers(inner)):
-        apply_runlora(
-            inner,
-            r=int(cfg["r"]),
-            alpha=cfg.get("lora_alpha", 8),
-            dropout=float(cfg.get("lora_dropout", 0.0)),
-            target_modules=cfg.get("target_modules"),
-            exclude_modules=cfg.get("exclude_modules"),
-            modules_to_save=cfg.get("modules_to_save") or [],
-            use_rslora=bool(cfg.get("use_rslora", False)),
-        )
-    expected = _expected(model)
-    problems = _compare(expected, tensors, int(cfg["r"]))
-    if problems:
-        shown = "\n  ".join(problems[:12]) + (
-            f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else ""
-        )
-        raise AdapterError(
-            f"load_adapter: {directory} does not fit {type(model).__name__}; nothing was loaded:\n  {shown}"
-        )
+    with unchanged_on_error(inner):  # a failure below leaves the model as it was (no half-injected layers)
+        if not is_peft and not any(True for _ in runlora_layers(inner)):
+            # PEFT's rule: names the model lacks are skipped (its seq-cls task lists both "classifier" and "score")
+            saved = [n for n in cfg["modules_to_save"] if saved_module_paths(inner, [n])]
+            apply_runlora(
+                inner,
+                r=cfg["r"],
+                alpha=cfg["lora_alpha"],
+                dropout=cfg["lora_dropout"],
+                target_modules=cfg["target_modules"],
+                exclude_modules=cfg["exclude_modules"],
+                modules_to_save=saved,
+                use_rslora=cfg["use_rslora"],
+            )
+        expected = _expected(model)
+        problems = _compare(expected, tensors, cfg["r"])
+        if problems:
+            shown = "\n  ".join(problems[:12]) + (
+                f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else ""
+            )
+            raise AdapterError(
+                f"load_adapter: {directory} does not fit {type(model).__name__}; nothing was loaded:\n  {shown}"
+            )
+        ready = {k: tensors[k].to(dtype=p.dtype, device=p.device) for k, p in expected.items()}
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
+            param.copy_(ready[key])
     _sync_scaling(model, cfg)
     return model
 
@@ -286,18 +272,32 @@ def _compare(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
 
 
 def _sync_scaling(model: nn.Module, cfg: dict) -> None:
-    """Adopt the saved alpha / rsLoRA / dropout: they are part of what the adapter computes."""
+    """Adopt the saved alpha / rsLoRA / dropout: they are part of what the adapter computes.
+
+    RunLoRA layers and PEFT's LoRA layers (converted or not) alike: PEFT's ``scaling``, ``lora_alpha``,
+    ``use_rslora`` and ``lora_dropout`` of the active adapter, and the PeftModel's config, take the file's values.
+    """
     inner, _ = _inner_model(model)
-    alpha, rs, p = (
-        cfg.get("lora_alpha", 8),
-        bool(cfg.get("use_rslora", False)),
-        float(cfg.get("lora_dropout", 0.0)),
-    )
-    for _, layer in runlora_layers(inner):
+    alpha, rs, p = cfg["lora_alpha"], cfg["use_rslora"], cfg["lora_dropout"]
+    rcfg = getattr(inner, "runlora_config", None)
+    if rcfg is not None:
+        rcfg.alpha, rcfg.use_rslora, rcfg.dropout = alpha, rs, p
+    for slot in _slots(model):
+        layer = slot.layer
         if isinstance(layer, RunLoRALinear):
             layer.alpha, layer.use_rslora, layer.dropout = alpha, rs, p
             layer.scaling = alpha / (layer.r**0.5) if rs else alpha / layer.r
             layer._runlora_specs.clear()
-    rcfg = getattr(inner, "runlora_config", None)
-    if rcfg is not None:
-        rcfg.alpha, rcfg.use_rslora, rcfg.dropout = alpha, rs, p
+            continue
+        name = next(a for a in layer.active_adapters if a in layer.lora_A)  # the adapter _slots filled
+        r = layer.r[name]
+        layer.lora_alpha[name], layer.use_rslora[name] = alpha, rs
+        layer.scaling[name] = alpha / math.sqrt(r) if rs else alpha / r
+        if getattr(layer.lora_dropout[name], "p", 0.0) != p:
+            layer.lora_dropout[name] = nn.Dropout(p=p) if p > 0 else nn.Identity()
+            layer.lora_dropout[name].train(layer.training)
+        if hasattr(layer, "_runlora_specs"):
+            layer._runlora_specs.clear()
+        pcfg = getattr(model, "peft_config", {}).get(name)
+        if pcfg is not None:
+            pcfg.lora_alpha, pcfg.use_rslora, pcfg.lora_dropout = alpha, rs, p

@@ -20,6 +20,7 @@ from torch import nn
 from ..core import quant
 from ..core.base import describe_base, is_supported_base
 from ..nn.layer import ChainArg, ChainDispatch, RunLoRALinear, _check_chain
+from .surgery import SEQ_CLS_HEADS, check_saved_names, saved_module_paths, set_submodule, unchanged_on_error
 
 __all__ = [
     "RunLoRAConfig",
@@ -34,7 +35,6 @@ __all__ = [
 ]
 
 ALL_LINEAR = "all-linear"
-SEQ_CLS_HEADS = ("classifier", "score")
 # Used when PEFT's own table is unavailable; PEFT's mapping is preferred (same values for these families).
 _DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -181,12 +181,6 @@ def find_targets(
 # injection
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def apply_runlora(
     model: nn.Module,
     r: int = 8,
@@ -211,8 +205,9 @@ def apply_runlora(
         target_modules: None (PEFT's default for the architecture), ``"all-linear"``, a regex or names.
         chain: planner mode (``"auto"``, ``"flops"``, ``"timed"``) or a pinned pair.
         exclude_modules: names or regex to leave out.
-        modules_to_save: modules trained and saved whole; default for sequence classification: the head
-            (``classifier`` / ``score``), as PEFT does.
+        modules_to_save: modules trained and saved whole, PEFT's rule (a module path or its end, e.g.
+            ``"lm_head"``); default for sequence classification: the head (``classifier`` / ``score``), as PEFT
+            does (of those two, only the ones the model has are used).
         use_rslora: alpha / sqrt(r) scaling.
         adapter_dtype: adapter dtype (default as PEFT: fp32 on 16-bit and quantized bases).
         init_lora_weights: True (PEFT default), ``"gaussian"`` or False.
@@ -221,7 +216,9 @@ def apply_runlora(
         The same model, with ``model.runlora_config`` describing the adapters.
 
     Raises:
-        ValueError: bad r / alpha / dropout / chain, nothing matched, or the model already has adapters.
+        ValueError: bad r / alpha / dropout / chain, nothing matched, a ``modules_to_save`` name matches no
+            module, or the model already has adapters. Nothing is changed when it raises.
+        TypeError: ``modules_to_save`` is not a list of names.
     """
     existing = [n for n, _ in runlora_layers(model)]
     if existing:
@@ -235,21 +232,51 @@ def apply_runlora(
         modules_to_save = [
             n for n in SEQ_CLS_HEADS if task == "SEQ_CLS" and getattr(model, n, None) is not None
         ]
+    check_saved_names(model, modules_to_save, task)
+    saved_heads = saved_module_paths(model, modules_to_save) if modules_to_save else []
     targets = find_targets(model, target_modules, exclude_modules, task)
-    saved_heads = set(modules_to_save)
     targets = [t for t in targets if not any(t == h or t.startswith(f"{h}.") for h in saved_heads)]
     quant.guard_cpu_repack(model)
+    with unchanged_on_error(model):  # validated above; a failure past here still leaves the model as it was
+        conv1d = _inject(
+            model, targets, r, alpha, dropout, checked_chain, use_rslora, adapter_dtype, init_lora_weights
+        )
+        for name in saved_heads:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        cfg = getattr(model, "config", None)
+        model.runlora_config = RunLoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=float(dropout),
+            target_modules=list(target_modules)
+            if isinstance(target_modules, list | tuple)
+            else target_modules,
+            targets=targets,
+            use_rslora=use_rslora,
+            modules_to_save=list(modules_to_save),
+            task_type=task,
+            base_model_name_or_path=getattr(cfg, "_name_or_path", None) or None,
+            fan_in_fan_out=conv1d,
+            chain=checked_chain,
+        )
+    if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad (as PEFT does)
+    return model
+
+
+def _inject(model, targets, r, alpha, dropout, chain, use_rslora, adapter_dtype, init_lora_weights) -> bool:
+    """Freeze the model and wrap each target; True if any target is a Conv1D (fan_in_fan_out)."""
     for p in model.parameters():
         p.requires_grad_(False)
     conv1d = False
     for path in targets:
-        base = model.get_submodule(path)
         layer = RunLoRALinear(
-            base,
+            model.get_submodule(path),
             r=r,
             alpha=alpha,
             dropout=dropout,
-            chain=checked_chain,
+            chain=chain,
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
             init_lora_weights=init_lora_weights,
@@ -257,27 +284,8 @@ def apply_runlora(
         )
         layer.train(model.training)
         conv1d = conv1d or layer.info.conv1d
-        _set_submodule(model, path, layer)
-    for name in modules_to_save:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad (as PEFT does)
-    cfg = getattr(model, "config", None)
-    model.runlora_config = RunLoRAConfig(
-        r=r,
-        alpha=alpha,
-        dropout=float(dropout),
-        target_modules=list(target_modules) if isinstance(target_modules, list | tuple) else target_modules,
-        targets=targets,
-        use_rslora=use_rslora,
-        modules_to_save=list(modules_to_save),
-        task_type=task,
-        base_model_name_or_path=getattr(cfg, "_name_or_path", None) or None,
-        fan_in_fan_out=conv1d,
-        chain=checked_chain,
-    )
-    return model
+        set_submodule(model, path, layer)
+    return conv1d
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -337,17 +345,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Quantized bases are dequantized, updated and requantized (with a warning about rounding). A PEFT model
     converted by :func:`from_peft` is handed to PEFT's own ``merge_and_unload``.
 
+    Args:
+        model: a model with RunLoRA layers, a PEFT model, or a bare :class:`RunLoRALinear`.
+
     Returns:
-        The unwrapped model (for a PeftModel, PEFT's base model).
+        The unwrapped model (for a PeftModel, PEFT's base model; for a bare layer, its merged base layer).
     """
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         return model.merge_and_unload()
+    if isinstance(model, RunLoRALinear):
+        if not model.merged:
+            model.merge()
+        return model.base_layer
     for path, layer in list(runlora_layers(model)):
         if not isinstance(layer, RunLoRALinear):
             continue
         if not layer.merged:
             layer.merge()
-        _set_submodule(model, path, layer.base_layer) if path else None
+        set_submodule(model, path, layer.base_layer)
     if hasattr(model, "runlora_config"):
         del model.runlora_config
     return model
