@@ -253,7 +253,16 @@ class ChainRace(Panel):
         self.shape_box.layout.display = "none" if source == "model" else "flex"
 
     def start(self) -> None:
-        """Start a race in the background (the Race button)."""
+        """Start a race in the background (the Race button).
+
+        Raises:
+            RuntimeError: the panel was closed (its chart and status are gone; nothing would show the race).
+        """
+        if self.closed:
+            raise RuntimeError(
+                "ChainRace.start: this panel was closed, so a race would draw nowhere; make a new "
+                "ChainRace(controller) or call controller.run() directly"
+            )
         self.table.outputs = ()
         self.controller.start()
         self._redraw.flush()
