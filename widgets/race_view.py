@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import statistics
 from typing import Any
@@ -237,7 +238,11 @@ class ChainRace(Panel):
         if ctl.result is not None:
             how = "cancelled" if ctl.cancelled else "done"
             best = ctl.result.iloc[0]["candidate"] if len(ctl.result) else "–"
-            return f"<b>{how}</b>: {ctl.describe()}; fastest: <b>{best}</b>"
+            notes = "".join(
+                f"<br><span style='color:#b26a00'>⚠ {html.escape(n)}</span>"
+                for n in ctl.result.attrs.get("notes", ())
+            )
+            return f"<b>{how}</b>: {ctl.describe()}; fastest: <b>{best}</b>{notes}"
         if not ctl.received:
             return f"<i>preparing candidates and warming up: {ctl.describe()}…</i>"
         return f"racing: {ctl.received} of {ctl.total} measurements"

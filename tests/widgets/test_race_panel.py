@@ -251,3 +251,17 @@ def test_closed_view_refuses_to_start_a_race():
     with pytest.raises(RuntimeError, match="closed"):
         view.start()
     assert not ctl.running and ctl.ran is None
+
+
+def test_status_shows_the_race_timing_notes():
+    """Issue 14 defect 19: a race whose timings are off the cost model says so in the panel's status."""
+    ctl = RaceController(**SMALL_LAYER)
+    view = ChainRace(ctl)
+    df = pd.DataFrame({"candidate": ["runlora"], "kind": ["plan"], "median_s": [1.0]})
+    df.attrs["notes"] = [
+        "measured times are 89× the cost model's prediction; set OMP_NUM_THREADS=2 and rerun"
+    ]
+    ctl.ran, ctl.result = ctl.settings, df
+    view._draw()
+    assert "89× the cost model" in view.status.value and "OMP_NUM_THREADS=2" in view.status.value
+    view.close()
