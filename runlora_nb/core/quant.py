@@ -12,6 +12,7 @@ managed layer, and :func:`dequantizer` refuses a weight that was already repacke
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -20,7 +21,43 @@ from torch import nn
 
 from .base import BaseInfo
 
-__all__ = ["dequantize", "dequantizer", "guard_cpu_repack", "requantize_add"]
+__all__ = ["dequantize", "dequantizer", "guard_cpu_repack", "quiet_bnb_logs", "requantize_add"]
+
+# bitsandbytes' known, harmless chatter (issue 14 defect 17): the optional kernels-community download it tries
+# at import (no network is used; the built-in CPU kernel runs), and a per-call int8 cast notice.
+_BNB_IMPORT_NOISE = (
+    "bitsandbytes.backends.cpu.ops",
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+)
+_BNB_ONCE = ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+
+
+class _BnbNoise(logging.Filter):
+    """Drops one known message of one bitsandbytes logger (``once``: lets its first record through)."""
+
+    def __init__(self, prefix: str, once: bool) -> None:
+        super().__init__()
+        self.prefix, self.once, self.seen = prefix, once, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True  # every other bitsandbytes message is kept
+        if self.once and not self.seen:
+            self.seen = True
+            return True
+        return False
+
+
+def quiet_bnb_logs() -> None:
+    """Install the two narrow bitsandbytes log filters (idempotent): the import-time kernels-community notice is
+    dropped, the int8 cast notice is shown once per process instead of once per layer call."""
+    for (name, prefix), once in ((_BNB_IMPORT_NOISE, False), (_BNB_ONCE, True)):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _BnbNoise) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_BnbNoise(prefix, once))
+
+
+quiet_bnb_logs()  # before anything imports bitsandbytes through runlora_nb
 
 
 def _bnb():
