@@ -211,3 +211,11 @@ def test_race_with_sound_timings_has_no_notes(monkeypatch):
     assert timing_notes(df) == []
     df.loc[1, "median_s"] = 2e-3
     assert len(timing_notes(df)) == 1
+
+
+def test_grid_collects_each_specs_timing_notes(monkeypatch):
+    _fake_timings(monkeypatch, lambda name: 5.0)
+    specs = [NOTE_SPEC, LayerSpec(64, 48, 32, 4)]
+    df = race_grid(specs, reps=2, warmup=0)
+    notes = df.attrs["notes"]
+    assert len(notes) == 2 and notes[0].startswith(NOTE_SPEC.label()) and "cost model" in notes[1]
