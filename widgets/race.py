@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from runlora_nb.core.chains import valid_pairs
-from runlora_nb.measure import LayerSpec, Measurement, race_layer, race_model
+from runlora_nb.measure import DTYPES, LayerSpec, Measurement, race_layer, race_model
 from runlora_nb.measure.layer_race import twin_names
 
 from ._util import BackgroundTask, Listeners
@@ -126,7 +126,7 @@ class RaceController:
         """Change settings (validated).
 
         Raises:
-            ValueError: unknown field, unknown source, or a bad shape.
+            ValueError: unknown field, unknown source, a dtype other than fp32 / bf16 / fp16, or a bad shape.
         """
         new = replace(self.settings, **changes)
         if new.source not in SOURCES:
@@ -137,7 +137,13 @@ class RaceController:
             raise ValueError("noise_check races one layer against copies of itself; use source='layer'")
         if new.reps < 1 or new.warmup < 0:
             raise ValueError(f"reps must be ≥ 1 and warmup ≥ 0, got reps={new.reps}, warmup={new.warmup}")
-        new.spec()  # validates sizes and dtype
+        allowed = (*DTYPES, *DTYPES.values())
+        if new.dtype not in allowed:  # torch knows "int8" too, but a race cannot run in it
+            raise ValueError(
+                f"RaceController.set: dtype must be one of {allowed}, got {new.dtype!r}; quantized bases are "
+                "raced with LayerSpec(quant='nf4' / 'int8') through runlora_nb.measure.race_layer"
+            )
+        new.spec()  # validates sizes
         self.settings = new
         return new
 

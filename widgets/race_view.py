@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import statistics
 from typing import Any
@@ -237,7 +238,11 @@ class ChainRace(Panel):
         if ctl.result is not None:
             how = "cancelled" if ctl.cancelled else "done"
             best = ctl.result.iloc[0]["candidate"] if len(ctl.result) else "–"
-            return f"<b>{how}</b>: {ctl.describe()}; fastest: <b>{best}</b>"
+            notes = "".join(
+                f"<br><span style='color:#b26a00'>⚠ {html.escape(n)}</span>"
+                for n in ctl.result.attrs.get("notes", ())
+            )
+            return f"<b>{how}</b>: {ctl.describe()}; fastest: <b>{best}</b>{notes}"
         if not ctl.received:
             return f"<i>preparing candidates and warming up: {ctl.describe()}…</i>"
         return f"racing: {ctl.received} of {ctl.total} measurements"
@@ -253,7 +258,16 @@ class ChainRace(Panel):
         self.shape_box.layout.display = "none" if source == "model" else "flex"
 
     def start(self) -> None:
-        """Start a race in the background (the Race button)."""
+        """Start a race in the background (the Race button).
+
+        Raises:
+            RuntimeError: the panel was closed (its chart and status are gone; nothing would show the race).
+        """
+        if self.closed:
+            raise RuntimeError(
+                "ChainRace.start: this panel was closed, so a race would draw nowhere; make a new "
+                "ChainRace(controller) or call controller.run() directly"
+            )
         self.table.outputs = ()
         self.controller.start()
         self._redraw.flush()

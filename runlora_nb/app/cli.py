@@ -200,6 +200,8 @@ def _bench_grid(args: argparse.Namespace) -> int:
         "peft_saved_over_x",
     ]
     print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for note in df.attrs.get("notes", ()):
+        print(f"NOTE: {note}")
     for p, g in summary.groupby("dropout"):
         print(
             f"dropout {p}: geomean plan/PEFT {geomean(g.plan_over_peft):.3f}; plan/frozen max "

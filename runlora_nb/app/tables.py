@@ -26,4 +26,5 @@ def format_layer_table(df: pd.DataFrame) -> str:
     )
     if df.peak_bytes.notna().any():
         show["peak MiB"] = df.peak_bytes.astype(float) / 2**20
-    return show.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
+    text = show.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")
+    return "\n".join([text, *(f"NOTE: {note}" for note in df.attrs.get("notes", ()))])

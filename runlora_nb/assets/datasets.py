@@ -219,7 +219,7 @@ def local_path(name_or_path: str | os.PathLike) -> Path | None:
     path = Path(text).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a .txt or .jsonl file or a dataset name.")
-    if path.suffix in (".txt", ".jsonl"):
+    if path.suffix.lower() in (".txt", ".jsonl"):  # README.TXT too (issue 14 defect 18)
         return path
     if path.exists():
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use a .txt or .jsonl file.")
@@ -245,7 +245,7 @@ def load_text(name_or_path: str | os.PathLike = "sonnets") -> str:
     """
     path = local_path(name_or_path)
     if path is not None:
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             return read_text_file(path)
         records = read_jsonl(path)
         return "\n\n".join(r["text"] if "text" in r else f"{r['prompt']}\n{r['response']}" for r in records)
@@ -313,7 +313,7 @@ def load_conversations(name_or_path: str | os.PathLike = "chatterbot") -> list[d
     """
     path = local_path(name_or_path)
     if path is not None:
-        if path.suffix != ".jsonl":
+        if path.suffix.lower() != ".jsonl":
             raise ValueError(f"{path}: conversations need a .jsonl file with prompt/response records.")
         records = read_jsonl(path)
         if any("prompt" not in r for r in records):
@@ -339,6 +339,6 @@ def dataset_kind(name_or_path: str | os.PathLike) -> str:
     if path is None:
         name = os.fspath(name_or_path)
         return "text" if name.startswith("shakespeare/") else _spec(name).kind
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         return "text"
     return "conversations" if all("prompt" in r for r in read_jsonl(path)) else "text"

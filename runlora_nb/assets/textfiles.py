@@ -22,7 +22,7 @@ def clean_text(text: str) -> str:
 
 
 def read_text_file(path: Path) -> str:
-    """Read a UTF-8 text file.
+    """Read a UTF-8 text file (a leading UTF-8 byte-order mark, as Windows editors write, is dropped).
 
     Raises:
         ValueError: missing, a folder, unreadable, not UTF-8, or empty (whitespace only).
@@ -34,7 +34,7 @@ def read_text_file(path: Path) -> str:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a .txt or .jsonl file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(
             f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8."

@@ -18,9 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..common import quiet
 from .base import BaseInfo
 
-__all__ = ["dequantize", "dequantizer", "guard_cpu_repack", "requantize_add"]
+__all__ = ["dequantize", "dequantizer", "guard_cpu_repack", "quiet_bnb_logs", "requantize_add"]
+
+# bitsandbytes' known, harmless chatter (issue 14 defect 17) is filtered by common/quiet.py
+quiet_bnb_logs = quiet.install
+quiet_bnb_logs()  # idempotent; the package already ran it at import
 
 
 def _bnb():

@@ -22,7 +22,8 @@ def race_grid(
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, LayerSpec], None] | None = None,
 ) -> pd.DataFrame:
-    """:func:`race_layer` over several specs, concatenated (stops early if cancelled)."""
+    """:func:`race_layer` over several specs, concatenated (stops early if cancelled); ``attrs["notes"]`` holds
+    every spec's timing notes (see :func:`~runlora_nb.measure.layer_race.timing_notes`), labelled by spec."""
     frames = []
     for k, spec in enumerate(specs):
         if progress is not None:
@@ -33,6 +34,9 @@ def race_grid(
             break
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LAYER_COLUMNS)
     out.attrs["cancelled"] = bool(frames and frames[-1].attrs.get("cancelled"))
+    out.attrs["notes"] = [  # the timing notes of each spec's race (issue 14 defect 19)
+        f"{LayerSpec(**f.attrs['spec']).label()}: {note}" for f in frames for note in f.attrs.get("notes", ())
+    ]
     return out
 
 

@@ -35,8 +35,12 @@ __all__ = [
     "race_bytes",
     "race_layer",
     "runlora_layer",
+    "timing_notes",
     "twin_names",
 ]
+
+PREDICTION_LIMIT = 10.0  # measured / predicted median beyond ×10 (or below ×0.1): the machine, not the model
+TWIN_SPREAD_LIMIT = 0.25  # the same layer timed twice differing by more than 25%: noisy measurements
 
 
 @dataclass
@@ -305,7 +309,53 @@ def race_layer(
     df = _frame(spec, [measurement_of(by_name[name], ts, final=True) for name, ts in collected.items() if ts])
     df.attrs["cancelled"] = cancelled
     df.attrs["spec"] = asdict(spec)
+    df.attrs["notes"] = timing_notes(df)
     return df
+
+
+def timing_notes(df: pd.DataFrame) -> list[str]:
+    """Warnings about a race's measurements themselves (issue 14 defect 19): empty when they look sound.
+
+    Two checks: the median of measured / predicted over the candidates with a cost-model prediction beyond
+    ×10 or below ×0.1 (the machine is not behaving like the calibrated one: other processes, OpenMP
+    oversubscription), and the twin spread (the planner's layer against its twins, the same module timed again
+    each round, as max/min − 1) above 25%.
+
+    Args:
+        df: a :func:`race_layer` table (``kind``, ``median_s``, ``predicted_s`` columns).
+
+    Returns:
+        Human-readable notes naming the likely causes and the fix.
+    """
+    import os
+
+    notes: list[str] = []
+    if df.empty:
+        return notes
+    cores = os.cpu_count() or 1
+    fix = (
+        f"likely causes: other busy processes, or OpenMP oversubscription (more threads than free cores; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); fix: close the other jobs or set "
+        f"OMP_NUM_THREADS={cores} (or fewer if the machine is shared) and rerun"
+    )
+    pred = df[df.predicted_s.notna() & df.median_s.notna()]
+    pred = pred[pred.predicted_s.astype(float) > 0]
+    if len(pred):
+        ratio = float((pred.median_s / pred.predicted_s.astype(float)).median())
+        if ratio > PREDICTION_LIMIT or ratio < 1 / PREDICTION_LIMIT:
+            notes.append(
+                f"measured times are {ratio:.3g}× the cost model's prediction (median over {len(pred)} "
+                f"candidates; expected within ×{1 / PREDICTION_LIMIT:g}–×{PREDICTION_LIMIT:g}); {fix}"
+            )
+    same = df[df.kind.isin(["plan", "twin"]) & df.median_s.notna()]
+    if len(same) >= 2 and float(same.median_s.min()) > 0:
+        spread = float(same.median_s.max() / same.median_s.min()) - 1
+        if spread > TWIN_SPREAD_LIMIT:
+            notes.append(
+                f"twin spread {spread:.0%}: the same layer timed in the same rounds differs by more than "
+                f"{TWIN_SPREAD_LIMIT:.0%}, so differences between candidates below that are noise; {fix}"
+            )
+    return notes
 
 
 def measurement_of(c: Candidate, samples: Iterable[float], final: bool) -> Measurement:

@@ -18,6 +18,7 @@ from ..planning.planner import MODES, ChainPlan, plan_chains
 __all__ = ["ChainDispatch", "RunLoRALinear", "default_adapter_dtype"]
 
 ChainArg = str | Sequence[str]
+_RANK_WARNED: set[tuple[int, int]] = set()  # (r, min(i, o)) classes already warned about in this process
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -224,10 +225,13 @@ class RunLoRALinear(ChainDispatch, nn.Module):
             )
         if not (isinstance(dropout, int | float) and 0.0 <= dropout < 1.0):
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got dropout={dropout!r}")
-        if r > min(info.in_features, info.out_features):
+        cap = min(info.in_features, info.out_features)
+        if r > cap and (r, cap) not in _RANK_WARNED:  # once per process per (r, cap): not once per layer
+            _RANK_WARNED.add((r, cap))
             warnings.warn(
-                f"{self.name}: r={r} exceeds min(in_features, out_features)={min(info.in_features, info.out_features)}; "
-                "the update cannot have more than that rank (PEFT allows it; it only costs memory and time).",
+                f"{self.name}: r={r} exceeds min(in_features, out_features)={cap}; the update cannot have more "
+                "than that rank (PEFT allows it; it only costs memory and time). Other layers with r={r} > {cap} "
+                "are not warned about again.".replace("{r}", str(r)).replace("{cap}", str(cap)),
                 UserWarning,
                 stacklevel=2,
             )

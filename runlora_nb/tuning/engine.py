@@ -121,6 +121,8 @@ class FineTuner:
         self._given = model
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
+        self._in_loop = False  # run()'s loop owns the model (one trainer loop at a time)
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.history = TrainResult(config)
@@ -163,10 +165,11 @@ class FineTuner:
 
     def start(self) -> threading.Thread:
         """Run in a background thread (the Jupyter kernel stays responsive); returns the thread."""
-        if self.running:
-            raise RuntimeError("FineTuner: already running; call stop() and wait for it first")
-        self._thread = threading.Thread(target=self._run_quietly, name="runlora-finetune", daemon=True)
-        self.running = True
+        with self._loop_lock:
+            if self.running or self._in_loop:
+                raise RuntimeError("FineTuner: already running; call stop() and wait for it first")
+            self._thread = threading.Thread(target=self._run_quietly, name="runlora-finetune", daemon=True)
+            self.running = True
         self._thread.start()
         return self._thread
 
@@ -376,7 +379,30 @@ class FineTuner:
 
         A NaN/inf loss or gradient ends the run early as diverged (``history.end.diverged``, a RuntimeWarning,
         no adapter saved; the last good checkpoint stays). Other errors are re-raised after ``on_end``.
+        Calling it again after a stop continues from the current step without re-evaluating a step that was
+        already evaluated.
+
+        Raises:
+            RuntimeError: this trainer is already training (a :meth:`start` thread or another ``run()``): two
+                loops would step the same model and optimizer at once.
         """
+        with self._loop_lock:
+            started = self._thread is not None and threading.current_thread() is self._thread
+            if self._in_loop or (self.running and not started):
+                raise RuntimeError(
+                    f"FineTuner.run: this trainer is already training (step {self.step} of "
+                    f"{self.config.steps}, in thread {self._thread.name if self._thread else 'another call'}); "
+                    "two loops would update the same model at once. Call stop() and join() first, then run()."
+                )
+            self._in_loop = True
+        try:
+            return self._run_loop()
+        finally:
+            with self._loop_lock:
+                self._in_loop = False
+                self.running = False
+
+    def _run_loop(self) -> TrainResult:
         cfg = self.config
         self.running = True
         self._stop.clear()
@@ -399,6 +425,8 @@ class FineTuner:
                 restore_trainer(self, self._resume_state)  # RNG states last: the next step is the lost one
                 self._resume_state, self._checkpoint_step = None, self.step
                 val = self.history.evals[-1].val_loss if self.history.evals else None
+            elif self.history.evals and self.history.evals[-1].step == self.step:
+                val = self.history.evals[-1].val_loss  # a restart after stop(): this step was evaluated
             else:
                 self._sample("before")
                 val = self._eval().val_loss

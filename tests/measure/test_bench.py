@@ -163,3 +163,68 @@ def test_race_model_refuses_cuda_without_a_device():
         pytest.skip("this machine has CUDA: tests/cuda covers the GPU path")
     with pytest.raises(ValueError, match=r"sees no CUDA device.*device='cpu'"):
         race_model("tiny-llama", batch=1, seq=8, r=2, reps=1, device="cuda")
+
+
+def _fake_timings(monkeypatch, seconds_of):
+    """Replace the timing loop: every candidate gets ``seconds_of(name)`` in each round (no real timing)."""
+    from runlora_nb.measure import layer_race
+
+    def fake(steps, *, reps, on_round, **_kw):
+        samples = {name: [] for name in steps}
+        for k in range(reps):
+            for name in steps:
+                samples[name].append(seconds_of(name))
+            on_round(k, samples)
+        return samples
+
+    monkeypatch.setattr(layer_race, "interleaved", fake)
+
+
+NOTE_SPEC = LayerSpec(64, 32, 48, 4)
+
+
+def test_race_notes_measurements_far_off_the_cost_model(monkeypatch):
+    """Issue 14 defect 19: 56 ms measured against 0.63 ms predicted went by without a word."""
+    from runlora_nb.app.tables import format_layer_table
+
+    _fake_timings(monkeypatch, lambda name: 5.0)  # seconds: far above any prediction for this shape
+    df = race_layer(NOTE_SPEC, reps=3, warmup=0, include_peft=False)
+    notes = df.attrs["notes"]
+    assert len(notes) == 1 and "cost model's prediction" in notes[0]
+    assert "OMP_NUM_THREADS=" in notes[0] and "rerun" in notes[0]
+    assert "NOTE: measured times are" in format_layer_table(df)
+
+
+def test_race_notes_a_wide_twin_spread(monkeypatch):
+    from runlora_nb.measure import layer_race
+
+    monkeypatch.setattr(
+        layer_race, "_predict", lambda model, pair, spec: 1e-3
+    )  # the model agrees on the rest
+    _fake_timings(monkeypatch, lambda name: 1.6e-3 if name == "twin" else 1e-3)
+    df = race_layer(NOTE_SPEC, reps=3, warmup=0, include_peft=False)
+    notes = df.attrs["notes"]
+    assert len(notes) == 1 and notes[0].startswith("twin spread 60%") and "OMP_NUM_THREADS" in notes[0]
+
+
+def test_race_with_sound_timings_has_no_notes(monkeypatch):
+    from runlora_nb.measure.layer_race import timing_notes
+
+    df = pd.DataFrame(
+        {
+            "kind": ["plan", "twin", "pair"],
+            "median_s": [1e-3, 1.1e-3, 2e-3],
+            "predicted_s": [8e-4, 8e-4, 1e-3],
+        }
+    )
+    assert timing_notes(df) == []
+    df.loc[1, "median_s"] = 2e-3
+    assert len(timing_notes(df)) == 1
+
+
+def test_grid_collects_each_specs_timing_notes(monkeypatch):
+    _fake_timings(monkeypatch, lambda name: 5.0)
+    specs = [NOTE_SPEC, LayerSpec(64, 48, 32, 4)]
+    df = race_grid(specs, reps=2, warmup=0)
+    notes = df.attrs["notes"]
+    assert len(notes) == 2 and notes[0].startswith(NOTE_SPEC.label()) and "cost model" in notes[1]

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from runlora_nb import RunLoRALinear, valid_pairs
 from runlora_nb.common.numerics import pair_difference_bound, rounding_bound
 from runlora_nb.core.dropout import DropoutMask, draw_seed
+from runlora_nb.nn import layer as layer_module
 
 N_TOK, I, O, R = 24, 20, 12, 4
 REQUIRES = list(itertools.product([False, True], repeat=3))  # (X, A, B)
@@ -376,7 +377,22 @@ def test_wrong_input_width_is_explained():
         layer(torch.randn(3, 7))
 
 
-def test_rank_above_min_dim_warns_but_works():
+def test_rank_above_min_dim_warns_but_works(monkeypatch):
+    monkeypatch.setattr(layer_module, "_RANK_WARNED", set())
     with pytest.warns(UserWarning, match="exceeds min"):
         layer = RunLoRALinear(nn.Linear(8, 4), r=6)
     assert layer(torch.randn(2, 8)).shape == (2, 4)
+
+
+def test_rank_above_min_dim_warns_once_per_shape_class_not_per_layer(monkeypatch, recwarn):
+    """Issue 14 defect 17: a model of 30 such layers printed 30 copies of the same warning."""
+    monkeypatch.setattr(layer_module, "_RANK_WARNED", set())
+    warnings.simplefilter("always")  # even "always" must not repeat it: the dedup is ours
+    for k in range(5):
+        RunLoRALinear(nn.Linear(8, 4), r=6, name=f"layers.{k}.q")
+    RunLoRALinear(nn.Linear(8, 4), r=7)  # another class: warned once more
+    RunLoRALinear(nn.Linear(8, 4), r=7)
+    texts = [str(w.message) for w in recwarn.list if "exceeds min" in str(w.message)]
+    assert len(texts) == 2, texts
+    assert "layers.0.q: r=6" in texts[0] and "not warned about again" in texts[0]
+    assert "r=7" in texts[1]

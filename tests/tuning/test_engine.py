@@ -229,3 +229,40 @@ def test_demo_runs_fast(tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     out = capsys.readouterr().out
     assert "validation loss" in out and "wrote" in out
+
+
+def test_run_is_refused_while_a_start_thread_trains(tmp_path):
+    """Issue 14 defect 18: a second loop on the same trainer (and model) must be refused, not interleaved."""
+    first_step, release = threading.Event(), threading.Event()
+
+    class Hold(Callback):
+        def on_step(self, trainer, event):
+            first_step.set()
+            release.wait(60)
+
+    tuner = FineTuner(FineTuneConfig(**QUICK, steps=500, eval_interval=0, output_dir=str(tmp_path)), [Hold()])
+    thread = tuner.start()
+    try:
+        assert first_step.wait(60)
+        with pytest.raises(RuntimeError, match="already training"):
+            tuner.run()
+        with pytest.raises(RuntimeError, match="already running"):
+            tuner.start()
+    finally:
+        tuner.stop()
+        release.set()
+        thread.join(60)
+    assert not thread.is_alive() and not tuner.running and tuner.history.end.stopped
+
+
+def test_restart_after_stop_does_not_evaluate_a_step_twice(tmp_path):
+    """Issue 14 defect 18: run() again after stop() continued with a second evaluation of the stop step."""
+    stopper = StopAt(2)
+    tuner = FineTuner(FineTuneConfig(**QUICK, steps=4, eval_interval=0, output_dir=str(tmp_path)), [stopper])
+    assert tuner.run().end.step == 2
+    assert [e.step for e in tuner.history.evals] == [0, 2]
+    stopper.step = None
+    res = tuner.run()
+    assert res.end.step == 4 and not res.end.stopped
+    assert [e.step for e in res.evals] == [0, 2, 4]
+    assert [s.step for s in res.steps] == [1, 2, 3, 4]

@@ -231,3 +231,37 @@ def test_view_never_draws_while_a_candidate_is_timed(monkeypatch):
     assert len(during) >= 6 and not any(during)  # a draw per round, none inside a timed call
     assert not view.frame_sync.watched  # no browser here: the rounds did not wait for one
     view.close()
+
+
+def test_set_rejects_a_dtype_a_race_cannot_run_in():
+    """Issue 14 defect 15: dtype="int8" used to pass set() and fail only when the race ran."""
+    ctl = RaceController(**SMALL_LAYER)
+    for bad in ("int8", "float64", "uint8"):
+        with pytest.raises(ValueError, match=r"dtype must be one of .*fp32.*bf16.*fp16"):
+            ctl.set(dtype=bad)
+    assert ctl.settings.dtype == SMALL_LAYER.get("dtype", "fp32")
+    assert ctl.set(dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_closed_view_refuses_to_start_a_race():
+    """Issue 14 defect 18: after close() the Race button's start() must not launch a hidden race."""
+    ctl = RaceController(**SMALL_LAYER)
+    view = ChainRace(ctl)
+    view.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        view.start()
+    assert not ctl.running and ctl.ran is None
+
+
+def test_status_shows_the_race_timing_notes():
+    """Issue 14 defect 19: a race whose timings are off the cost model says so in the panel's status."""
+    ctl = RaceController(**SMALL_LAYER)
+    view = ChainRace(ctl)
+    df = pd.DataFrame({"candidate": ["runlora"], "kind": ["plan"], "median_s": [1.0]})
+    df.attrs["notes"] = [
+        "measured times are 89× the cost model's prediction; set OMP_NUM_THREADS=2 and rerun"
+    ]
+    ctl.ran, ctl.result = ctl.settings, df
+    view._draw()
+    assert "89× the cost model" in view.status.value and "OMP_NUM_THREADS=2" in view.status.value
+    view.close()
