@@ -202,7 +202,9 @@ def test_quantization_support_reports_reasons(monkeypatch):
         if q == "int8":
             raise RuntimeError("bitsandbytes failed to import here")
 
-    monkeypatch.setattr(zoo, "_require_quantization", fake)
+    from runlora_nb.assets import loading
+
+    monkeypatch.setattr(loading, "require_quantization", fake)
     assert zoo.quantization_support() == {
         "nf4": None,
         "fp4": None,
