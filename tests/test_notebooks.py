@@ -140,6 +140,7 @@ def test_notebooks_exist():
         "03_finetune_smollm2.ipynb",
         "04_qlora_on_cpu.ipynb",
         "05_poc_report.ipynb",
+        "06_sweep.ipynb",
     ):
         assert expected in names
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..common.paths import atomic_write_text
+from ..common.sysmem import pid_alive as _pid_alive
 
 __all__ = ["MARKER", "OWNER", "clean_stale", "file_manifest", "verify", "write_manifest", "write_owner"]
 
@@ -126,16 +127,6 @@ def write_owner(tmp: Path) -> None:
     """Record which process builds the temporary folder ``tmp`` (read by :func:`clean_stale`)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     (tmp / OWNER).write_text(json.dumps(info))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def clean_stale(root: Path, max_age_s: float = 3600.0) -> list[Path]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["available_bytes", "check_fits", "format_bytes"]
+import os
+
+__all__ = ["available_bytes", "check_fits", "format_bytes", "pid_alive"]
 
 
 def format_bytes(n: float) -> str:
@@ -73,3 +75,14 @@ def check_fits(needed: int, what: str, fix: str, device: str = "cpu", fraction: 
             f"{what} needs about {format_bytes(needed)} of {device} memory, but only {format_bytes(limit)} is "
             f"available ({source}; the limit is {fraction:.0%} of it); {fix}"
         )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True

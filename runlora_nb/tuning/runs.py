@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from ..common.paths import atomic_write_text, cache_dir
+from ..common.sysmem import pid_alive as _pid_alive
 from .config import FineTuneConfig
 from .events import Callback
 
@@ -147,16 +148,6 @@ def config_from_dict(data: dict) -> FineTuneConfig:
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     return FineTuneConfig(**kwargs)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _effective_status(status: dict, run_id: str) -> str:
