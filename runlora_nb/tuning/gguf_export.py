@@ -348,6 +348,14 @@ def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict
     return {"tensors": len(found), "tokens": n_tokens, "bytes": path.stat().st_size}
 
 
+def _coarser(dtype: torch.dtype, model: nn.Module) -> torch.dtype:
+    """The less precise of the GGUF dtype and the model's own weights: a bf16 model exported as f32 still
+    computes its reference logits in bf16, so the parity tolerance must be bf16's."""
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    weights = max(set(floats), key=floats.count) if floats else dtype
+    return max(dtype, weights, key=lambda d: torch.finfo(d).eps)
+
+
 def export_gguf(
     model: nn.Module, tokenizer: Any, tmp_dir: Path, dtype: str, prompts: tuple[str, ...], merged: nn.Module
 ) -> dict[str, Any]:
@@ -388,7 +396,7 @@ def export_gguf(
         model,
         reloaded,
         tokenizer,
-        dtype=_TORCH_DTYPES[dtype],
+        dtype=_coarser(_TORCH_DTYPES[dtype], merged),
         label=f"gguf {dtype}",
         prompts=prompts,
         candidate_tokenizer=reloaded_tok,

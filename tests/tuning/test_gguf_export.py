@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import gguf
@@ -17,6 +18,7 @@ from runlora_nb.common.numerics import rounding_bound
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
 from runlora_nb.tuning.export import export_model, merged_copy
 from runlora_nb.tuning.gguf_export import modelfile_text
+from runlora_nb.tuning.parity import ParityWarning
 
 PROMPT = "Shall I compare thee to a summer's day?"
 
@@ -131,6 +133,17 @@ def test_gguf_export_gqa_and_tied_embeddings(tmp_path):
     assert reloaded.config.tie_word_embeddings and reloaded.config.num_key_value_heads == 2
     ids = torch.tensor([tok(PROMPT)["input_ids"]])
     assert relative_diff(merged_copy(model), reloaded, ids) <= bound(torch.float32, model.config)
+
+
+def test_gguf_export_of_a_bf16_model_as_f32_uses_the_bf16_tolerance(tmp_path):
+    """The reference computes in bf16: its rounding, not f32's, sets the parity tolerance (no ParityWarning)."""
+    model, tok = load_model("tiny-llama")
+    model = with_adapters(model.to(torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParityWarning)
+        result = export_model(model, tok, tmp_path / "g", "gguf", dtype="f32", verbose=False)
+    assert result.parity["dtype"] == "bfloat16" and result.parity["within_tolerance"]
+    assert result.parity["gguf_dtype"] == "f32"
 
 
 def test_gguf_export_rejects_non_llama_and_bad_dtype(tmp_path):
