@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ._util import Panel, df_html, fmt_seconds
+from ._util import Panel, df_html, ema, fmt_seconds
 from .finetune import FineTuneController, RunTrace
 
 __all__ = ["BACKEND_COLORS", "FineTunePanel"]
@@ -72,6 +72,10 @@ class FineTunePanel(Panel):
             description="Stop", icon="stop", button_style="danger", disabled=True
         )
         self.progress = widgets.IntProgress(value=0, min=0, max=max(s.steps, 1), description="progress")
+        self.smoothing = widgets.FloatSlider(
+            value=0.0, min=0.0, max=0.99, step=0.01, description="smoothing", **_STYLE
+        )  # the train curves' exponential moving average (TensorBoard's); 0: raw losses
+        self.log_y = widgets.ToggleButton(value=False, description="log scale", icon="line-chart")
         self.status = widgets.HTML()
         self.status.add_class("runlora-status")
         self.choice_html = widgets.HTML()
@@ -91,6 +95,8 @@ class FineTunePanel(Panel):
         self.on_click(self.start_button, self.start)
         self.on_click(self.stop_button, self.stop)
         self.on_click(self.save_button, self.save)
+        self.on_change(self.smoothing, lambda _v: self._draw())
+        self.on_change(self.log_y, lambda _v: self._draw())
         self.add_cleanup(self.controller.subscribe(self.guard(self._on_event, where="fine-tune update")))
         self.add_cleanup(self.controller.stop)
         picker_ctl = self.controller.picker
@@ -108,6 +114,7 @@ class FineTunePanel(Panel):
             ),
             widgets.HBox([self.start_button, self.stop_button, self.progress]),
             self.status,
+            widgets.HBox([self.smoothing, self.log_y]),
             self.figure,
             self.plans_html,
             self.samples_html,
@@ -155,8 +162,11 @@ class FineTunePanel(Panel):
         with self.figure.batch_update():  # traces are added above: batch_update defers new traces
             for run, (k_train, k_val) in zip(runs, slots):
                 train, val = self.figure.data[k_train], self.figure.data[k_val]
-                train.x, train.y = list(run.steps), list(run.losses)
+                losses = list(run.losses)
+                train.x = list(run.steps)
+                train.y = ema(losses, self.smoothing.value) if self.smoothing.value > 0 else losses
                 val.x, val.y = list(run.val_steps), list(run.val_losses)
+            self.figure.update_yaxes(type="log" if self.log_y.value else "linear")
         p = ctl.progress()
         self.progress.max = max(p["total"], 1)
         self.progress.value = p["done"]

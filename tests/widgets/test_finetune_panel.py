@@ -148,6 +148,18 @@ def test_view_peft_overlay_adds_a_second_curve(picker_ctl, run_dir):
     peft_train = view.figure.data[2]
     assert list(peft_train.x) == [1, 2, 3] and len(peft_train.y) == 3
     assert "<b>peft</b>: done" in view.status.value
+    # eval loss sits next to train loss; the train curves can be smoothed and the axis made logarithmic
+    raw = list(view.controller.runs[0].losses)
+    assert list(view.figure.data[0].y) == raw
+    view.smoothing.value = 0.9
+    smoothed = list(view.figure.data[0].y)
+    assert (
+        smoothed[0] == raw[0]
+        and smoothed != raw
+        and list(view.figure.data[1].y) == list(view.controller.runs[0].val_losses)
+    )  # validation points are never smoothed
+    view.log_y.value = True
+    assert view.figure.layout.yaxis.type == "log"
     view.close()
 
 
