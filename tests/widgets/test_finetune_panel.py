@@ -153,11 +153,10 @@ def test_view_peft_overlay_adds_a_second_curve(picker_ctl, run_dir):
     assert list(view.figure.data[0].y) == raw
     view.smoothing.value = 0.9
     smoothed = list(view.figure.data[0].y)
-    assert (
-        smoothed[0] == raw[0]
-        and smoothed != raw
-        and list(view.figure.data[1].y) == list(view.controller.runs[0].val_losses)
-    )  # validation points are never smoothed
+    assert smoothed[0] == pytest.approx(raw[0], rel=1e-12) and smoothed != raw  # bias-corrected EMA
+    assert list(view.figure.data[1].y) == list(
+        view.controller.runs[0].val_losses
+    )  # validation: never smoothed
     view.log_y.value = True
     assert view.figure.layout.yaxis.type == "log"
     view.close()
