@@ -35,6 +35,7 @@ from .adapter_files import (
 )
 from .inject import RunLoRAConfig, apply_runlora, runlora_layers
 from .surgery import saved_module_paths, unchanged_on_error
+from .wrappers import barrier, copy_full_, full_tensors, is_main_process, unwrap_model
 
 __all__ = ["AdapterError", "load_adapter", "save_adapter"]
 
@@ -54,7 +55,11 @@ class _Slot:
 
 
 def _inner_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The transformers model whose module paths appear in keys, and whether ``model`` is a PeftModel."""
+    """The transformers model whose module paths appear in keys, and whether ``model`` is a PeftModel.
+
+    DDP, ``torch.compile`` and accelerate containers are looked through (:func:`~.wrappers.unwrap_model`).
+    """
+    model = unwrap_model(model)
     if hasattr(model, "peft_config") and hasattr(model, "base_model"):
         return model.base_model.model, True
     return model, False
@@ -153,8 +158,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     The folder is built in a temporary sibling and swapped in by renames: a crash at any moment leaves the old
     folder or the new one, whole. Other files in an existing folder (a tokenizer, a README) are kept.
 
+    Under ``torch.distributed`` every rank must call it (sharded adapter tensors are gathered); only rank 0
+    writes, and every rank returns after the folder is complete (a barrier).
+
     Args:
-        model: a model prepared by :func:`~runlora_nb.apply_runlora`, or a PEFT model (converted or not).
+        model: a model prepared by :func:`~runlora_nb.apply_runlora`, or a PEFT model (converted or not);
+            it may be wrapped in ``DistributedDataParallel``, ``torch.compile`` or ``Accelerator.prepare``.
         directory: created if needed; an existing adapter there is replaced.
 
     Returns:
@@ -163,11 +172,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     Raises:
         AdapterError: the model has no adapters, or ``directory`` is a file.
     """
+    model = unwrap_model(model)
     inner, is_peft = _inner_model(model)
     if is_peft:
-        return write_folder(directory, lambda tmp: _fill_peft(model, tmp), OWNED)
+        if is_main_process():
+            write_folder(directory, lambda tmp: _fill_peft(model, tmp), OWNED)
+        barrier()
+        return Path(directory)
     cfg: RunLoRAConfig | None = getattr(inner, "runlora_config", None)
-    tensors = _expected(inner)
+    tensors = full_tensors(_expected(inner))  # a collective when FSDP2 shards the adapters
     if cfg is None or not tensors:
         raise AdapterError(
             f"save_adapter: {type(model).__name__} has no RunLoRA adapters; call apply_runlora(model) or "
@@ -179,7 +192,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         text = json.dumps(_peft_config_dict(inner, cfg), indent=2, sort_keys=True)
         write_file(tmp / CONFIG_NAME, text.encode("utf-8"))
 
-    return write_folder(directory, fill, OWNED)
+    out = write_folder(directory, fill, OWNED) if is_main_process() else Path(directory)
+    barrier()
+    return out
 
 
 def _fill_peft(model: nn.Module, tmp: Path) -> None:
@@ -203,7 +218,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     its alpha / rsLoRA / dropout become the file's. On any failure the model is left exactly as it was.
 
     Args:
-        model: a transformers model, with or without RunLoRA adapters, or a PEFT model.
+        model: a transformers model, with or without RunLoRA adapters, or a PEFT model; it may be wrapped in
+            ``DistributedDataParallel``, ``torch.compile`` or ``Accelerator.prepare`` (every rank loads the file).
         directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     Returns:
@@ -217,6 +233,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = resolve_folder(Path(directory).expanduser())
     cfg = read_config(directory)
     tensors = read_tensors(directory)
+    outer, model = model, unwrap_model(model)
     inner, is_peft = _inner_model(model)
     with unchanged_on_error(inner):  # a failure below leaves the model as it was (no half-injected layers)
         if not is_peft and not any(True for _ in runlora_layers(inner)):
@@ -241,12 +258,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise AdapterError(
                 f"load_adapter: {directory} does not fit {type(model).__name__}; nothing was loaded:\n  {shown}"
             )
-        ready = {k: tensors[k].to(dtype=p.dtype, device=p.device) for k, p in expected.items()}
+        ready = {k: tensors[k].to(dtype=p.dtype) for k, p in expected.items()}
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(ready[key])
+            copy_full_(param, ready[key])  # a DTensor shard takes its own part
     _sync_scaling(model, cfg)
-    return model
+    return outer
 
 
 def _compare(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], r: int) -> list[str]:

@@ -21,6 +21,7 @@ from ..core import quant
 from ..core.base import describe_base, is_supported_base
 from ..nn.layer import ChainArg, ChainDispatch, RunLoRALinear, _check_chain
 from .surgery import SEQ_CLS_HEADS, check_saved_names, saved_module_paths, set_submodule, unchanged_on_error
+from .wrappers import unwrap_model
 
 __all__ = [
     "RunLoRAConfig",
@@ -346,11 +347,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     converted by :func:`from_peft` is handed to PEFT's own ``merge_and_unload``.
 
     Args:
-        model: a model with RunLoRA layers, a PEFT model, or a bare :class:`RunLoRALinear`.
+        model: a model with RunLoRA layers, a PEFT model, or a bare :class:`RunLoRALinear`; DDP,
+            ``torch.compile`` and accelerate containers are looked through.
 
     Returns:
         The unwrapped model (for a PeftModel, PEFT's base model; for a bare layer, its merged base layer).
     """
+    model = unwrap_model(model)
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         return model.merge_and_unload()
     if isinstance(model, RunLoRALinear):
