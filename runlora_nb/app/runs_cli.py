@@ -3,6 +3,7 @@
 Examples:
     runlora-nb train --model tiny-llama --steps 40 --lr 3e-3 --checkpoint-every 10
     runlora-nb train --resume 20261202-101500-runlora-1a2b3c4d
+    runlora-nb train --config run.yaml
     runlora-nb runs list
     runlora-nb runs compare ID1 ID2 --json fig.json
 """
@@ -20,6 +21,12 @@ def add_parsers(sub) -> None:
     """Add the ``train`` and ``runs`` subcommands to the CLI's subparsers."""
     train = sub.add_parser("train", help="fine-tune with LoRA, recorded in the run ledger (resumable)")
     train.add_argument("--resume", metavar="ID", help="continue run ID from its last checkpoint")
+    train.add_argument(
+        "--config",
+        type=Path,
+        metavar="RUN.yaml",
+        help="a YAML of FineTuneConfig fields; it replaces the other config flags (--runs-dir and --out still apply)",
+    )
     train.add_argument("--model", default="tiny-llama", help="zoo name or local folder (default tiny-llama)")
     train.add_argument("--dataset", default="sonnets")
     train.add_argument("--steps", type=int, default=40)
@@ -62,11 +69,15 @@ def add_parsers(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from ..tuning import FineTuneConfig, FineTuner, PrintProgress
+    from ..tuning.config import load_config
 
     progress = [PrintProgress(every=max(args.steps // 8, 1))]
     if args.resume:
         tuner = FineTuner.resume(args.resume, progress, runs_dir=args.runs_dir)
         print(f"resuming run {tuner.run_dir.name} from step {tuner._resume_state['step']}")
+    elif args.config is not None:
+        cfg = load_config(args.config, runs_dir=args.runs_dir, output_dir=args.out)
+        tuner = FineTuner(cfg, [PrintProgress(every=max(cfg.steps // 8, 1))])
     else:
         cfg = FineTuneConfig(
             model=args.model,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["FineTuneConfig", "with_backend"]
+__all__ = ["FineTuneConfig", "load_config", "save_config", "with_backend"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +124,65 @@ class FineTuneConfig:
 def with_backend(config: FineTuneConfig, backend: str) -> FineTuneConfig:
     """The same run on the other backend (for PEFT-vs-runlora_nb overlays)."""
     return replace(config, backend=backend)
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> FineTuneConfig:
+    """A :class:`FineTuneConfig` from a YAML (or JSON) mapping of its fields, e.g. ``run.yaml``.
+
+    Args:
+        path: a YAML file such as ``{model: tiny-llama, steps: 40, r: 8, lr: 3.0e-3}``; fields it leaves out
+            keep their defaults.
+        **overrides: fields that replace the file's (the CLI's ``--runs-dir`` / ``--out``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: the file is missing, is not a mapping, or names an unknown field (the message lists the
+            valid ones); a field's value is invalid (``FineTuneConfig``'s own checks).
+    """
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"load_config: {path} is not a file; pass the path of a YAML of FineTuneConfig fields"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"load_config: {path} is not valid YAML: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"load_config: {path} holds a {type(data).__name__}, not a mapping; write one `field: value` per line"
+        )
+    valid = [f.name for f in fields(FineTuneConfig)]
+    unknown = sorted(str(k) for k in data if k not in valid)
+    if unknown:
+        raise ValueError(
+            f"load_config: {path} has unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}"
+        )
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return FineTuneConfig(**data)
+    except TypeError as exc:  # a value of the wrong kind deep in a check
+        raise ValueError(f"load_config: {path}: {exc}") from None
+
+
+def save_config(config: FineTuneConfig, path: str | os.PathLike) -> Path:
+    """Write ``config`` as YAML that :func:`load_config` reads back to an equal config.
+
+    Args:
+        config: the config.
+        path: the YAML file to write (its folder must exist).
+
+    Returns:
+        The path.
+    """
+    import yaml
+
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    path = Path(path).expanduser()
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

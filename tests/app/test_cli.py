@@ -205,3 +205,19 @@ def test_fetch_force_repairs_a_corrupt_cache(tmp_path, capsys, monkeypatch):
     assert "damaged" in capsys.readouterr().out and zoo.is_cached("minilm-l6")
     assert main(["fetch", "minilm-l6", "--force"]) == 0 and len(calls) == 3
     assert zoo.is_cached("minilm-l6")
+
+
+def test_train_from_a_yaml_config(tmp_path, capsys):
+    from runlora_nb.tuning.runs import list_runs
+
+    (tmp_path / "run.yaml").write_text(
+        "model: tiny-llama\nsteps: 2\nr: 4\nseq_len: 32\nbatch_size: 2\neval_interval: 0\nsample_prompts: []\n"
+    )
+    runs = tmp_path / "runs"
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--runs-dir", str(runs)]) == 0
+    df = list_runs(runs)
+    assert len(df) == 1 and df.iloc[0]["status"] == "finished"
+    capsys.readouterr()
+    (tmp_path / "bad.yaml").write_text("model: tiny-llama\nlearning_rate: 1e-3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), "--runs-dir", str(runs)]) == 2
+    _clean_error(capsys, "unknown field(s) learning_rate", "valid fields:")

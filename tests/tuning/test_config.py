@@ -43,3 +43,25 @@ def test_model_race_refuses_a_sequence_past_the_positions():
         ValueError, match=r"race_model: seq_len=1024 exceeds the 512 positions of model 'tiny-gpt2'"
     ):
         race_model("tiny-gpt2", batch=1, seq=1024, reps=1)
+
+
+def test_yaml_config_round_trips_and_names_bad_fields(tmp_path):
+    from runlora_nb.tuning.config import load_config, save_config
+
+    cfg = FineTuneConfig(model="tiny-llama", steps=3, r=4, lr=3e-3, targets=["q_proj", "v_proj"], seq_len=32)
+    assert load_config(save_config(cfg, tmp_path / "run.yaml")) == cfg
+    assert load_config(tmp_path / "run.yaml", runs_dir=str(tmp_path), output_dir=None).runs_dir == str(
+        tmp_path
+    )
+
+    (tmp_path / "typo.yaml").write_text("model: tiny-llama\nrank: 8\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) rank; valid fields: model, dataset.* r, alpha"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "list.yaml").write_text("- model\n")
+    with pytest.raises(ValueError, match="holds a list, not a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "badlr.yaml").write_text("model: tiny-llama\nlr: -1\n")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        load_config(tmp_path / "badlr.yaml")
+    with pytest.raises(ValueError, match="is not a file"):
+        load_config(tmp_path / "missing.yaml")
