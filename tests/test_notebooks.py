@@ -6,7 +6,8 @@ copy of ``notebooks/`` (so whatever a notebook writes lands in a temporary folde
 kernel inherits this session's environment: ``HF_HUB_OFFLINE=1`` and the session's private ``RUNLORA_NB_CACHE``
 (see ``conftest.py``).
 
-A notebook fails on an ``error`` output, on stderr output containing a traceback, or when it takes longer than
+A notebook fails on an ``error`` output, on stderr output containing a traceback, on any stderr output of the
+first cell that imports runlora_nb (a red block under the first cell a user runs), or when it takes longer than
 :data:`NOTEBOOK_TIMEOUT_S`; the message names the cell and shows its source.
 """
 
@@ -47,10 +48,24 @@ def inject_fast(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNode:
 def _problems(nb: nbformat.NotebookNode) -> list[str]:
     """An entry per error output and per stderr stream with a traceback, naming the cell."""
     found = []
+    importing = [
+        k
+        for k, c in enumerate(nb.cells)
+        if c.cell_type == "code" and re.search(r"\bimport runlora_nb|\bfrom runlora_nb", c.source)
+    ]
     for k, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         for out in cell.get("outputs", []):
+            if (
+                importing
+                and k == importing[0]
+                and out.get("output_type") == "stream"
+                and out.get("name") == "stderr"
+            ):
+                found.append(
+                    f"cell {k} (the first to import runlora_nb) writes to stderr:\n{out.get('text', '')}"
+                )
             if out.get("output_type") == "error":
                 text = f"{out.get('ename')}: {out.get('evalue')}"
             elif (

@@ -180,7 +180,7 @@ def test_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
             p.add_(0.5)  # a trained head differs from the fresh one
     pm.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
-    assert set(saved) == {"classifier", "score"}
+    assert {"classifier", "score"} <= set(saved)  # PEFT's defaults for the task; newer PEFT names more heads
     model = load_adapter(fresh("tiny-roberta", task), tmp_path)
     assert rel_err(logits(model), logits(pm)) < 1e-6
     target = get_peft_model(fresh("tiny-roberta", task), cfg).eval()  # and into a PEFT model with the wrapper
