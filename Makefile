@@ -57,7 +57,7 @@ test-latest: browser-deps
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(LOCK)
-	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	RUNLORA_NB_LATEST=1 $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  $(LATEST_VENV)/bin/python scripts/lock_drift.py $(LOCK); echo "test-latest: pytest exit status $$rc"; exit $$rc
 
 test: install browser-deps

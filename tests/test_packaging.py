@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UI = ("ipywidgets", "plotly", "anywidget", "IPython")
@@ -66,3 +69,63 @@ def test_readme_names_the_ci_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci/run").read_text()
     assert "make test" in readme and "make test" in ci
+
+
+def _lock_tool():
+    """scripts/lock_drift.py as a module (the scripts folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_drift", ROOT / "scripts/lock_drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_pins_every_declared_dependency_within_its_declared_range():
+    from packaging.requirements import Requirement
+
+    tool = _lock_tool()
+    pins = tool.locked_pins(ROOT / "requirements-lock.txt")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(d) for d in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    for req in declared:
+        name = tool.canonical(req.name)
+        if name == "torch":
+            assert name not in pins, (
+                "torch stays out of the lock: TORCH_SPEC installs the local CPU wheel first"
+            )
+            continue
+        assert name in pins, f"{req.name} is declared in pyproject.toml but not pinned: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"the lock pins {req.name}=={pins[name]} outside pyproject's {req}: run `make lock`"
+        )
+    assert not [n for n in pins if n.startswith(("nvidia-", "triton", "cuda-"))], "CUDA packages in the lock"
+
+
+def test_make_ci_and_binder_install_from_the_lock():
+    make = (ROOT / "Makefile").read_text()
+    install = make.split("$(VENV)/.installed:")[1].split("\n\n")[0]
+    assert "$(LOCK)" in install.splitlines()[0], "the venv must be rebuilt when the lock changes"
+    assert "-r $(LOCK)" in install and "--no-deps -e ." in install
+    assert re.search(r"^LOCK := requirements-lock.txt$", make, re.M)
+    binder = (ROOT / "binder/requirements.txt").read_text().splitlines()
+    assert "-r ../requirements-lock.txt" in binder
+    assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+def test_the_installed_environment_matches_the_lock():
+    """In the venv `make install` built, what runs is what the lock says (``make test-latest`` skips this)."""
+    if os.environ.get("RUNLORA_NB_LATEST"):
+        pytest.skip("make test-latest runs against the newest releases on purpose")
+    tool = _lock_tool()
+    rows = tool.drift(tool.locked_pins(ROOT / "requirements-lock.txt"), tool.installed_versions())
+    assert not rows, f"installed versions differ from requirements-lock.txt (name, locked, here): {rows}"
+
+
+def test_drift_names_what_differs_and_what_is_missing(tmp_path):
+    tool = _lock_tool()
+    lock = tmp_path / "lock.txt"
+    lock.write_text("Foo_Bar==1.0\n    # via x\nbaz==2.0 ; python_version >= '3'\nqux==3.0\n")
+    pins = tool.locked_pins(lock)
+    assert pins == {"foo-bar": "1.0", "baz": "2.0", "qux": "3.0"}
+    assert tool.drift(pins, {"foo-bar": "1.0", "baz": "2.1"}) == [("baz", "2.0", "2.1"), ("qux", "3.0", "-")]
