@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available_bytes", "check_fits", "format_bytes", "pid_alive"]
+__all__ = [
+    "available_bytes",
+    "check_fits",
+    "format_bytes",
+    "peak_rss_bytes",
+    "pid_alive",
+    "reset_peak_rss",
+    "rss_bytes",
+]
 
 
 def format_bytes(n: float) -> str:
@@ -14,6 +22,50 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def rss_bytes() -> int | None:
+    """The process's resident set size now (Linux ``/proc/self/statm``), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size since it started or since :func:`reset_peak_rss` worked.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (which the reset moves back to the current RSS); elsewhere
+    ``getrusage``'s ``ru_maxrss``, a high-water mark of the whole process that cannot be reset.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def reset_peak_rss() -> bool:
+    """Move the process's peak RSS back to its current RSS, so the next :func:`peak_rss_bytes` is the peak of
+    what runs from now on (one sweep trial, one measured step) rather than of everything the process did before.
+
+    Linux only (writing ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0). Returns whether it worked; where it
+    did not, :func:`peak_rss_bytes` stays the process's high-water mark.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def available_bytes(device: str = "cpu") -> tuple[int, str] | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import threading
 import time
 import warnings
@@ -28,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..common.sysmem import peak_rss_bytes
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
 from .events import CheckpointEvent, EndEvent, EvalEvent, SampleEvent, StartEvent, StepEvent, TrainResult
@@ -515,7 +515,8 @@ class FineTuner:
 
 
 def _peak_memory() -> int:
-    """Peak bytes so far: CUDA's allocator peak when CUDA is in use, else the process's peak RSS."""
+    """Peak bytes so far: CUDA's allocator peak when CUDA is in use, else the process's peak RSS (since the last
+    :func:`~runlora_nb.common.sysmem.reset_peak_rss`, e.g. the start of a sweep trial)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    return peak_rss_bytes()

@@ -226,7 +226,7 @@ def _objective(space, base, callbacks, stopping, prune):
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
         try:
-            _reset_peak_memory()  # each trial's peak, not the process's so far (CUDA)
+            _reset_peak_memory()  # each trial's own peak, not the high-water mark of the trials before it
             cfg = replace(base, **space.suggest(trial))
             reporter = _TrialReporter(trial, stopping, prune)
             tuner = FineTuner(cfg, [reporter, *callbacks])
@@ -282,6 +282,9 @@ def _objective(space, base, callbacks, stopping, prune):
 def _reset_peak_memory() -> None:
     import torch
 
+    from ..common.sysmem import reset_peak_rss
+
+    reset_peak_rss()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
 
@@ -475,7 +478,7 @@ def leaderboard(study_or_name: Any, storage: str | os.PathLike | None = None) ->
     Returns:
         One row per trial (queued ones left out): trial, one column per searched parameter, val_loss (the last
         evaluation), perplexity, tokens_per_s (median), peak_mem_bytes (CUDA's peak in the trial, else the
-        process's peak RSS so far), trainable_params, time_s, status (complete / pruned /
+        trial's own peak RSS on Linux, the process's peak so far elsewhere), trainable_params, time_s, status (complete / pruned /
         failed / diverged / stopped / interrupted / running), run_id (the ledger run), error; sorted by
         validation loss, complete trials first.
 

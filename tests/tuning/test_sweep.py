@@ -12,6 +12,7 @@ import threading
 import time
 
 import optuna
+import torch
 import pytest
 
 from runlora_nb.tuning import Callback, SearchSpace, leaderboard, run_sweep
@@ -274,3 +275,25 @@ def test_kill9_mid_trial_then_resume_completes_the_budget(tmp_path):
     (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == 1]
     assert retry.params == study.trials[1].params  # the interrupted trial ran again
     assert load_run(killed_run, tmp_path / "runs").status == "interrupted"
+
+
+def test_each_trial_reports_its_own_peak_not_the_high_water_mark_of_the_trials_before(tmp_path):
+    from runlora_nb.common.sysmem import reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("the peak RSS can only be reset on Linux (/proc/self/clear_refs)")
+    big = 600 * 2**20
+    seen: list[int] = []
+
+    class BigFirstTrial(Callback):
+        def on_step(self, trainer, event):
+            if not seen:  # the first trial's first step touches 600 MiB, then frees it
+                block = torch.ones(big // 4)
+                seen.append(int(block.sum()))
+                del block
+
+    df = run_sweep("tiny-llama", "sonnets", GRID, 2, 2, "peaks", tmp_path / "s.db", pruner=None,
+                   callbacks=[BigFirstTrial()], config=_config(tmp_path))  # fmt: skip
+    first, second = df.sort_values("trial").peak_mem_bytes.tolist()
+    assert first >= big, f"the first trial's peak {first} misses its 600 MiB block"
+    assert second < first - big // 2, f"the second trial inherited the first one's peak ({second} vs {first})"
