@@ -12,8 +12,8 @@ import threading
 import time
 
 import optuna
-import torch
 import pytest
+import torch
 
 from runlora_nb.tuning import Callback, SearchSpace, leaderboard, run_sweep
 from runlora_nb.tuning.runs import load_run
