@@ -61,7 +61,7 @@ def _memory(args: argparse.Namespace) -> int:
     ledger = MemoryLedger(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
     pred = ledger.predict(args.batch, args.seq)
     cols = ["weights_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
-            "temporaries_bytes", "total_bytes"]  # fmt: skip
+            "temporaries_bytes", "process_bytes", "total_bytes"]  # fmt: skip
     print(f"{args.model}, batch {args.batch} × seq {args.seq}, r={args.rank}, dropout {args.dropout} (MiB):")
     print(f"{'backend':<9}" + "".join(f"{c.removesuffix('_bytes'):>13}" for c in cols))
     for _, row in pred.iterrows():
@@ -70,14 +70,29 @@ def _memory(args: argparse.Namespace) -> int:
         cmp = ledger.compare(args.batch, args.seq)
         for _, row in cmp.iterrows():
             print(
-                f"measured {row['backend']}: activations {_mib(row['activation_bytes_measured'])} MiB "
-                f"(predicted {_mib(row['activation_bytes_predicted'])}, ratio {row['ratio']:.3f})"
+                f"measured {row['backend']}: saved activations {_mib(row['activation_bytes_measured'])} MiB "
+                f"(saved_tensors_hooks; predicted {_mib(row['activation_bytes_predicted'])}, ratio "
+                f"{row['ratio']:.3f}); one step's peak {_mib(row['step_bytes_measured'])} MiB (RSS / allocator; "
+                f"predicted {_mib(row['step_bytes_predicted'])}, ratio {row['step_ratio']:.3f})"
             )
+    print("total is a lower bound: it leaves out backward's transients and the allocator's slack")
     if args.budget_gib:
         budget = int(args.budget_gib * 2**30)
         for backend in ledger.backends:
-            fits = ledger.largest_batch(budget, args.seq, backend)
-            print(f"largest batch within {args.budget_gib} GiB at seq {args.seq}, {backend}: {fits}")
+            fits = ledger.largest_batch(budget, args.seq, backend, measure=not args.no_measure)
+            how = (
+                "predicted only (--no-measure): optimistic"
+                if args.no_measure
+                else "measured: "
+                + ", ".join(f"batch {b} {_mib(d)} MiB" for b, d in ledger.last_fit["steps"])
+                + f" + {_mib(ledger.last_fit['fixed_bytes'])} MiB held, {ledger.last_fit['headroom']:.0%} spare"
+                + (
+                    ""
+                    if ledger.last_fit["verified"]
+                    else "; not verified: the budget exceeds the free memory"
+                )
+            )
+            print(f"largest batch within {args.budget_gib} GiB at seq {args.seq}, {backend}: {fits} ({how})")
     return 0
 
 
