@@ -46,6 +46,7 @@ __all__ = [
     "RunLedger",
     "compare",
     "config_from_dict",
+    "is_run_folder",
     "list_runs",
     "load_run",
     "new_run_dir",
@@ -87,21 +88,51 @@ def new_run_dir(backend: str, root: str | os.PathLike | None = None) -> Path:
     raise RuntimeError(f"runs.new_run_dir: could not create a unique run folder under {base}")
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder the ledger wrote (not merely a folder with a ``config.json``).
+
+    A model folder, a merged export or a project folder can hold a ``config.json`` too, so the file's
+    presence proves nothing. The ledger's own marks are: a ``config.json`` whose ``id`` is the folder's name
+    and whose ``config`` is a dict, or a ``status.json`` with a ledger status and a pid (this one survives a
+    damaged ``config.json``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    info = _read_json(path / "config.json")
+    if info.get("id") == path.absolute().name and isinstance(info.get("config"), dict):
+        return True
+    state = _read_json(path / "status.json")
+    return state.get("status") in STATUSES and "pid" in state
+
+
 def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """The folder of run ``run_id`` (an id under the root, or a path to a run folder).
 
+    Only folders the ledger wrote count (see :func:`is_run_folder`): everything that takes a run folder
+    (``rm``, resume) may delete or rewrite it, so a model folder or ``.`` is never taken for a run.
+
     Raises:
-        ValueError: no such run; the message lists where it looked.
+        ValueError: no such run (the message lists where it looked), or the path is a folder that is not a
+            ledger run.
     """
     given = Path(run_id)
-    if (given / "status.json").exists() or (given / "config.json").exists():
+    if is_run_folder(given):
         return given
     path = runs_root(root) / str(run_id)
-    if not (path / "config.json").exists():
+    if is_run_folder(path):
+        return path
+    for found in (given, path):
+        if not (found.is_dir() and ((found / "config.json").exists() or (found / "status.json").exists())):
+            continue
         raise ValueError(
-            f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+            f"runs: {found.absolute()} is not a run of the ledger (its config.json has no matching run id and "
+            "it has no run status.json; a model folder or an export also holds a config.json); pass a run id "
+            "from `runlora-nb runs list`"
         )
-    return path
+    raise ValueError(
+        f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -118,9 +149,10 @@ def _jsonable(v: Any) -> Any:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _clean(value: Any) -> Any:
@@ -385,7 +417,7 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """
     rows = []
     for path in sorted(runs_root(root).iterdir(), reverse=True):
-        if not (path / "config.json").exists():
+        if not is_run_folder(path):
             continue
         run = load_run(path)
         c = run.config

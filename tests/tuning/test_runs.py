@@ -114,11 +114,31 @@ def test_cli_runs_list_show_compare_rm(two_runs, tmp_path, capsys):
     assert "lr" in capsys.readouterr().out and json.loads(fig.read_text())["data"]
     assert main(["runs", "show", "nope", "--runs-dir", str(root)]) == 2
     victim = new_run_dir("runlora", root)
-    (victim / "config.json").write_text(json.dumps({"config": {}}))
+    (victim / "config.json").write_text(json.dumps({"id": victim.name, "config": {}}))
     assert main(["runs", "rm", victim.name, "--runs-dir", str(root)]) == 0
     assert not victim.exists()
     with pytest.raises(ValueError, match="no run"):
         remove_run(victim.name, root)
+
+
+def test_rm_refuses_folders_that_are_not_ledger_runs(tmp_path, monkeypatch, capsys):
+    """A model folder, an export and a project folder all hold a config.json; none of them is a run."""
+    root = tmp_path / "runs"
+    model = root / "tiny-model"  # even inside the ledger root
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text(json.dumps({"config": {"lr": 1}}))
+    (project / "train.py").write_text("print('mine')")
+    monkeypatch.chdir(project)
+    for target in (str(model), model.name, ".", str(project)):
+        with pytest.raises(ValueError, match="is not a run of the ledger"):
+            remove_run(target, root)
+        assert main(["runs", "rm", target, "--force", "--runs-dir", str(root)]) == 2
+        assert "not a run of the ledger" in capsys.readouterr().err
+    assert (model / "config.json").is_file() and (project / "train.py").is_file()
+    assert list_runs(root).empty  # the model folder under the root is not listed as a run either
 
 
 def test_a_run_failing_at_setup_or_interrupted_by_ctrl_c_is_listed_with_its_status(tmp_path):
