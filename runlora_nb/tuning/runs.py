@@ -44,6 +44,7 @@ __all__ = [
     "Comparison",
     "Run",
     "RunLedger",
+    "check_not_running",
     "compare",
     "config_from_dict",
     "is_run_folder",
@@ -211,15 +212,41 @@ class RunLedger(Callback):
         self.resume_step = resume_step
         self._plans_written = False
         self._status: dict[str, Any] = {}
+        self._opened = False  # the folder exists from on_start on; before that it may not yet
+        self._removed = False
 
     # ---------------------------------------------------------------------------------- helpers
+    def _present(self) -> bool:
+        """Whether the run folder is still there; the first time it is found gone the run is stopped.
+
+        A folder deleted under a live run (``runs rm --force`` from another machine) must stay deleted: every
+        write below would recreate it (``atomic_write_text`` makes parent folders), leaving a ghost run.
+
+        Raises:
+            RuntimeError: the folder was removed (once; later calls return False and write nothing).
+        """
+        if self._removed:
+            return False
+        if self.dir.is_dir() or not self._opened:
+            return True
+        self._removed = True
+        _ACTIVE.discard(self.id)
+        raise RuntimeError(
+            f"runs: the run folder {self.dir} was removed while run {self.id} was training; the run stops here "
+            "and writes nothing more (start a new run to train again)"
+        )
+
     def _append(self, name: str, record: dict) -> None:
+        if not self._present():
+            return
         line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
         with open(self.dir / name, "a", encoding="utf-8") as fh:
             fh.write(line)  # one write per line: a kill tears at most the last line, which readers skip
             fh.flush()
 
     def _set_status(self, **fields: Any) -> None:
+        if not self._present():
+            return
         self._status.update(fields, updated=time.time())
         _write_json(self.dir / "status.json", self._status)
 
@@ -232,6 +259,7 @@ class RunLedger(Callback):
     # ---------------------------------------------------------------------------------- events
     def on_start(self, trainer, event) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._opened = True
         _ACTIVE.add(self.id)
         old = _read_json(self.dir / "config.json")
         _write_json(
@@ -263,7 +291,7 @@ class RunLedger(Callback):
         record = {"kind": "step", **asdict(event)}
         record["train_loss"] = record.pop("loss")
         self._append("metrics.jsonl", record)
-        if not self._plans_written:  # plans exist once the first step ran every layer
+        if not self._plans_written and not self._removed:  # plans exist once the first step ran every layer
             self._plans_written = True
             cfg = _read_json(self.dir / "config.json")
             plans = trainer.plans
@@ -279,10 +307,16 @@ class RunLedger(Callback):
     def on_checkpoint(self, trainer, event) -> None:
         from .checkpoint import save_checkpoint
 
+        if not self._present():
+            return
         save_checkpoint(self.dir, trainer.state_dict())
         self._set_status(checkpoint_step=trainer.step)
 
     def on_end(self, trainer, event) -> None:
+        if self._removed or (self._opened and not self.dir.is_dir()):  # deleted under the run: stays deleted
+            self._removed = True
+            _ACTIVE.discard(self.id)
+            return
         if not (self.dir / "config.json").exists():  # failed before on_start: still a listed, failed run
             _write_json(
                 self.dir / "config.json",
@@ -444,17 +478,58 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def check_not_running(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+    """Refuse to take over a run whose process is still writing its folder.
+
+    Two processes writing one run folder interleave their metrics, checkpoints and status; so resuming a
+    live run is refused. A run marked running on another machine cannot be checked from here and is refused
+    too: the message says how to release it once that process is known to be gone.
+
+    Raises:
+        ValueError: the run is running (the message names the pid, the host and the fix).
+    """
+    run = load_run(run_id, root)
+    if run.status != "running":
+        return
+    pid, host = run.state.get("pid"), run.state.get("host")
+    if host in (None, socket.gethostname()):
+        raise ValueError(
+            f"runs: run {run.id} is still running (pid {pid} on this machine, writing {run.path}); a second "
+            f"process would write the same folder. Wait for it to end or stop it (kill {pid}), then resume"
+        )
+    raise ValueError(
+        f"runs: run {run.id} is marked running on {host} (pid {pid}), which this machine cannot check; if that "
+        f'process is gone, set "status" to "interrupted" in {run.path / "status.json"}, then resume'
+    )
+
+
 def remove_run(run_id: str, root: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Delete a run folder.
 
+    A run whose process is alive on this machine is never deleted, not even with ``force``: the process
+    would go on writing (status, metrics, checkpoints, the adapter) and bring a half run back into the
+    ledger. Stop it first. ``force`` is for a run marked running on another machine, which cannot be checked
+    from here. Should its process still be alive, its :class:`RunLedger` notices the folder is gone and stops
+    the run instead of recreating it.
+
     Raises:
-        ValueError: no such run, or it is still running (pass ``force=True`` to delete anyway).
+        ValueError: no such run, a folder that is not a ledger run, a run alive on this machine, or a run
+            marked running on another machine without ``force``.
     """
     run = load_run(run_id, root)
-    if run.status == "running" and not force:
-        raise ValueError(
-            f"runs: run {run.id} is still running (pid {run.state.get('pid')}); stop it or force"
-        )
+    if run.status == "running":
+        pid, host = run.state.get("pid"), run.state.get("host")
+        if host in (None, socket.gethostname()):
+            raise ValueError(
+                f"runs: run {run.id} is still running (pid {pid} on this machine); stop it first (Stop, Ctrl-C "
+                f"or kill {pid}), then remove it. --force does not delete a live run: its process would go on "
+                f"writing into {run.path} and bring the run back"
+            )
+        if not force:
+            raise ValueError(
+                f"runs: run {run.id} is marked running on {host} (pid {pid}), which this machine cannot check; "
+                "if that process is gone, pass --force (force=True) to delete it"
+            )
     shutil.rmtree(run.path)
     return run.path
 
