@@ -87,7 +87,8 @@ class FineTuner:
         ledger: record the run into the run ledger (``config.runs_dir``); False: no run folder.
 
     Raises:
-        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint.
+        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint, a folder that is
+            not a ledger run, or a run whose process is still running.
 
     Example:
         >>> tuner = FineTuner(FineTuneConfig(model="tiny-llama", steps=20), [PrintProgress()])
@@ -105,7 +106,7 @@ class FineTuner:
     ) -> None:
         from .checkpoint import load_checkpoint
         from .guards import UniformLossGuard
-        from .runs import run_dir
+        from .runs import check_not_running, run_dir
 
         if config.checkpoint_every < 0:
             raise ValueError(
@@ -114,6 +115,8 @@ class FineTuner:
         self.config = config
         self.callbacks: list[Any] = [UniformLossGuard(), *callbacks]
         self.run_dir: Path | None = run_dir(resume, config.runs_dir) if resume is not None else None
+        if self.run_dir is not None:
+            check_not_running(self.run_dir)  # before anything is read or written: one writer per run folder
         self._resume_state = load_checkpoint(self.run_dir) if self.run_dir is not None else None
         self._ledger = ledger or resume is not None
         self._data_pos = (0, 0)  # (epoch, next batch index in it)

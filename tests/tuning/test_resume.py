@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -180,3 +181,35 @@ def test_a_run_whose_logits_stay_uniform_warns_end_to_end(tmp_path):
         res = FineTuner(cfg, model=(model, tok)).run()
     assert len(res.warnings) == 1 and "steps 1-4" in res.warnings[0]
     assert load_run(next(tmp_path.iterdir())).state["warnings"] == res.warnings
+
+
+def _checkpointed_run(root) -> Path:
+    """A finished two-step run with a checkpoint at step 1 (resumable)."""
+    cfg = FineTuneConfig(**{**CFG, "steps": 2, "checkpoint_every": 1, "eval_interval": 0}, runs_dir=str(root))
+    tuner = FineTuner(cfg)
+    tuner.run()
+    return tuner.run_dir
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_run_that_is_still_running_is_refused(tmp_path, capsys):
+    """Two processes wrote one run folder: `train --resume ID` was accepted while ID was training."""
+    folder = _checkpointed_run(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        status = json.loads((folder / "status.json").read_text())
+        status.update(status="running", pid=live.pid)
+        (folder / "status.json").write_text(json.dumps(status))
+        before = _snapshot(folder)
+        assert main(["train", "--resume", folder.name, "--runs-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "still running" in err and str(live.pid) in err
+        with pytest.raises(ValueError, match="still running"):
+            FineTuner(FineTuneConfig(**CFG, runs_dir=str(tmp_path)), resume=folder)
+        assert _snapshot(folder) == before  # nothing read into a trainer, nothing written
+    finally:
+        live.kill()
+        live.wait()
