@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_NAME",
     "adapter_is_finite",
+    "check_config",
     "load_checkpoint",
     "restore_trainer",
     "save_checkpoint",
@@ -102,16 +103,7 @@ def restore_trainer(tuner: FineTuner, state: dict[str, Any]) -> None:
     Raises:
         ValueError: the state belongs to a run with another config, or its adapter names do not match.
     """
-    cfg = tuner.config
-    wrong = {
-        k: (v, getattr(cfg, k)) for k, v in state["config"].items() if _norm(getattr(cfg, k)) != _norm(v)
-    }
-    if wrong:
-        raise ValueError(
-            "checkpoint: the checkpoint was written by a run with another config "
-            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in wrong.items())
-            + "; resume with the run's own config (FineTuner.resume(run_id))"
-        )
+    check_config(tuner.config, state)
     params = _trainable(tuner)
     if set(params) != set(state["adapter"]):
         missing = sorted(set(state["adapter"]) ^ set(params))[:4]
@@ -128,6 +120,23 @@ def restore_trainer(tuner: FineTuner, state: dict[str, Any]) -> None:
     tuner.history.evals[:] = [EvalEvent(**e) for e in hist["evals"]]
     tuner.history.samples[:] = [SampleEvent(**s) for s in hist["samples"]]
     _set_rng_state(state["rng"])
+
+
+def check_config(cfg: Any, state: dict[str, Any]) -> None:
+    """Refuse a config that differs from the one the checkpoint was written with (the compared fields).
+
+    Raises:
+        ValueError: the fields that differ, with the checkpoint's and the given values.
+    """
+    wrong = {
+        k: (v, getattr(cfg, k)) for k, v in state["config"].items() if _norm(getattr(cfg, k)) != _norm(v)
+    }
+    if wrong:
+        raise ValueError(
+            "checkpoint: the checkpoint was written by a run with another config "
+            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in wrong.items())
+            + "; resume with the run's own config (FineTuner.resume(run_id))"
+        )
 
 
 def _norm(v: Any) -> Any:

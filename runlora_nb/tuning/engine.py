@@ -104,7 +104,7 @@ class FineTuner:
         resume: str | Path | None = None,
         ledger: bool = True,
     ) -> None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import check_config, load_checkpoint
         from .guards import UniformLossGuard
         from .runs import check_not_running, run_dir
 
@@ -118,6 +118,8 @@ class FineTuner:
         if self.run_dir is not None:
             check_not_running(self.run_dir)  # before anything is read or written: one writer per run folder
         self._resume_state = load_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if self._resume_state is not None:  # before on_start rewrites config.json with this config
+            check_config(config, self._resume_state)
         self._ledger = ledger or resume is not None
         self._data_pos = (0, 0)  # (epoch, next batch index in it)
         self._saved_bytes: int | None = None
@@ -137,11 +139,17 @@ class FineTuner:
     def resume(
         cls, run_id: str | Path, callbacks: Sequence[Any] = (), runs_dir: str | None = None
     ) -> FineTuner:
-        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint."""
-        from .runs import load_run
+        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint.
+
+        Raises:
+            ValueError: no such run, a run still running, or a run whose ``config.json`` is damaged (resuming
+                with default settings would train another model and overwrite the run's record).
+        """
+        from .runs import check_not_running, load_run, saved_config
 
         run = load_run(run_id, runs_dir)
-        return cls(run.fine_tune_config(), callbacks, resume=run.path)
+        check_not_running(run.path)
+        return cls(saved_config(run.path), callbacks, resume=run.path)
 
     def state_dict(self) -> dict[str, Any]:
         """The resumable state between steps (see :func:`runlora_nb.tuning.checkpoint.trainer_state`)."""

@@ -54,6 +54,7 @@ __all__ = [
     "remove_run",
     "run_dir",
     "runs_root",
+    "saved_config",
 ]
 
 STATUSES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
@@ -181,6 +182,45 @@ def config_from_dict(data: dict) -> FineTuneConfig:
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     return FineTuneConfig(**kwargs)
+
+
+def saved_config(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> FineTuneConfig:
+    """The :class:`FineTuneConfig` a run was started with, read strictly from its ``config.json``.
+
+    Readers of the ledger (list, show) tolerate a damaged file; resuming must not: an empty config means
+    default settings, another model, and a run record rewritten with them.
+
+    Raises:
+        ValueError: ``config.json`` is missing, not JSON, or holds no ``config`` with a ``model``; the message
+            names the file, what the checkpoint recorded, and the fix.
+    """
+    path = run_dir(run_id, root)
+    file = path / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        problem = None
+    except FileNotFoundError:
+        data, problem = None, "it is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data, problem = None, f"it cannot be read ({type(err).__name__}: {err})"
+    config = data.get("config") if isinstance(data, dict) else None
+    if problem is None and not (isinstance(config, dict) and config.get("model")):
+        problem = "it holds no run config with a model"
+    if problem is None:
+        return config_from_dict(config)
+    recorded = ""
+    try:
+        from .checkpoint import load_checkpoint
+
+        fields = load_checkpoint(path)["config"]
+        recorded = "; the checkpoint recorded " + ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(
+        f"runs: cannot resume run {path.name}: {file} is damaged ({problem}); nothing was written. Restore "
+        "the file, or resume with the run's config given explicitly: FineTuner(FineTuneConfig(...), "
+        f"resume={str(path)!r}){recorded}"
+    )
 
 
 def _effective_status(status: dict, run_id: str) -> str:

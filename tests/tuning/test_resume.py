@@ -213,3 +213,25 @@ def test_resume_of_a_run_that_is_still_running_is_refused(tmp_path, capsys):
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("damage", ['{"id": "x", "conf', "", '{"config": {}}'])
+def test_resume_with_a_damaged_config_is_refused_before_writing(tmp_path, capsys, damage):
+    """A damaged config.json fell back to the defaults, then the run's record was rewritten and failed."""
+    folder = _checkpointed_run(tmp_path)
+    (folder / "config.json").write_text(damage)
+    before = _snapshot(folder)
+    assert main(["train", "--resume", folder.name, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'config.json'} is damaged" in err and "model='tiny-llama'" in err
+    with pytest.raises(ValueError, match="resume with the run's config given explicitly"):
+        FineTuner.resume(folder, runs_dir=str(tmp_path))
+    assert _snapshot(folder) == before
+
+
+def test_resume_with_another_config_is_refused_before_writing(tmp_path):
+    folder = _checkpointed_run(tmp_path)
+    before = _snapshot(folder)
+    with pytest.raises(ValueError, match=r"another config lr=0\.003"):
+        FineTuner(FineTuneConfig(**{**CFG, "steps": 2, "lr": 1e-3}, runs_dir=str(tmp_path)), resume=folder)
+    assert _snapshot(folder) == before
