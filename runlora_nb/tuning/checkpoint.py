@@ -14,6 +14,7 @@ import io
 import math
 import os
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "restore_trainer",
     "save_checkpoint",
+    "saved_elapsed",
     "trainer_state",
 ]
 
@@ -78,7 +80,8 @@ def trainer_state(tuner: FineTuner) -> dict[str, Any]:
 
     Returns:
         A dict: format, step, config (dict), adapter (name → tensor), optimizer, scheduler, rng (torch, cuda,
-        python, numpy), data ([epoch, next batch index]) and history (steps, evals, samples as dicts).
+        python, numpy), data ([epoch, next batch index]), elapsed_s (seconds spent so far) and history
+        (steps, evals, samples as dicts).
     """
     return {
         "format": _FORMAT,
@@ -89,12 +92,28 @@ def trainer_state(tuner: FineTuner) -> dict[str, Any]:
         "scheduler": tuner.scheduler.state_dict(),
         "rng": _rng_state(),
         "data": list(tuner._data_pos),
+        "elapsed_s": _elapsed(tuner),
         "history": {
             "steps": [asdict(s) for s in tuner.history.steps],
             "evals": [asdict(e) for e in tuner.history.evals],
             "samples": [asdict(s) for s in tuner.history.samples],
         },
     }
+
+
+def _elapsed(tuner: FineTuner) -> float:
+    t0 = getattr(tuner, "_t0", None)
+    if t0 is not None:
+        return time.perf_counter() - t0
+    return float(tuner.history.steps[-1].elapsed_s) if tuner.history.steps else 0.0
+
+
+def saved_elapsed(state: dict[str, Any]) -> float:
+    """Seconds the run had spent when ``state`` was saved (older checkpoints: the last step's elapsed_s)."""
+    if isinstance(state.get("elapsed_s"), int | float):
+        return float(state["elapsed_s"])
+    steps = state.get("history", {}).get("steps") or []
+    return float(steps[-1].get("elapsed_s", 0.0)) if steps else 0.0
 
 
 def restore_trainer(tuner: FineTuner, state: dict[str, Any]) -> None:

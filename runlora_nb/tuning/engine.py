@@ -132,6 +132,7 @@ class FineTuner:
         self.tokenizer = None
         self.history = TrainResult(config)
         self.step = 0
+        self._t0: float | None = None  # origin of elapsed_s (a resumed run shifts it back by its time)
         self.running = False
         self.label_names: tuple[str, ...] = ()
 
@@ -417,7 +418,7 @@ class FineTuner:
         cfg = self.config
         self.running = True
         self._stop.clear()
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         val: float | None = None
         self._checkpoint_step: int | None = None
         try:
@@ -431,9 +432,12 @@ class FineTuner:
                 StartEvent(cfg, counts.trainable, counts.total, len(self.train_set), len(self.val_set)),
             )
             if self._resume_state is not None:
-                from .checkpoint import restore_trainer
+                from .checkpoint import restore_trainer, saved_elapsed
 
                 restore_trainer(self, self._resume_state)  # RNG states last: the next step is the lost one
+                # elapsed_s continues from the time the run had already spent up to its checkpoint
+                t0 -= saved_elapsed(self._resume_state)
+                self._t0 = t0
                 self._resume_state, self._checkpoint_step = None, self.step
                 val = self.history.evals[-1].val_loss if self.history.evals else None
             elif self.history.evals and self.history.evals[-1].step == self.step:

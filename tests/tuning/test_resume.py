@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -235,3 +236,25 @@ def test_resume_with_another_config_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"another config lr=0\.003"):
         FineTuner(FineTuneConfig(**{**CFG, "steps": 2, "lr": 1e-3}, runs_dir=str(tmp_path)), resume=folder)
     assert _snapshot(folder) == before
+
+
+def test_elapsed_continues_from_the_time_already_spent_on_resume(tmp_path):
+    """elapsed_s restarted from zero on resume."""
+    cfg = FineTuneConfig(**{**CFG, "checkpoint_every": 0, "eval_interval": 0}, runs_dir=str(tmp_path))
+
+    class SlowThenStop:
+        def on_step(self, trainer, event):
+            if event.step == 2:
+                time.sleep(2.0)  # the first session spends at least 2 s
+            if event.step == 3:
+                trainer.stop()
+
+    tuner = FineTuner(cfg, [SlowThenStop()])
+    first = tuner.run()
+    spent = first.steps[-1].elapsed_s
+    assert first.end.step == 3 and spent >= 2.0
+    again = FineTuner.resume(tuner.run_dir.name, runs_dir=str(tmp_path)).run()
+    resumed = [s.elapsed_s for s in again.steps if s.step > 3]
+    assert resumed and min(resumed) > spent and again.end.elapsed_s > spent
+    run = load_run(tuner.run_dir)
+    assert run.steps.elapsed_s.is_monotonic_increasing and run.state["elapsed_s"] > spent
