@@ -26,7 +26,14 @@ def add_parsers(sub) -> None:
         "--adapter", required=True, help="the adapter folder (PEFT format, e.g. a run's adapter/)"
     )
     ex.add_argument("--format", default="merged", choices=FORMATS)
-    ex.add_argument("--out", required=True, help="destination folder (replaced atomically)")
+    ex.add_argument(
+        "--out", required=True, help="destination folder (an earlier export there is replaced atomically)"
+    )
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if it is a non-empty folder that is not an export",
+    )
     ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"], help="GGUF tensor type")
 
     mem = sub.add_parser("memory", help="predict a fine-tune's memory, then measure it (PEFT vs runlora_nb)")
@@ -44,7 +51,9 @@ def add_parsers(sub) -> None:
 def _export(args: argparse.Namespace) -> int:
     from ..tuning.export import export_from_files
 
-    result = export_from_files(args.model, args.adapter, args.format, args.out, dtype=args.dtype)
+    result = export_from_files(
+        args.model, args.adapter, args.format, args.out, dtype=args.dtype, force=args.force
+    )
     print(f"{result.format} export: {result.path} ({', '.join(result.files)})")
     return 0
 

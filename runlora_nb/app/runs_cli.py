@@ -64,7 +64,11 @@ def add_parsers(sub) -> None:
         if name == "compare":
             p.add_argument("--json", type=Path, help="write the plotly figure spec as JSON")
         if name == "rm":
-            p.add_argument("--force", action="store_true", help="also delete a run that is still running")
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="also delete a run marked running on another machine (never one alive here)",
+            )
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +31,11 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_NAME",
     "adapter_is_finite",
+    "check_config",
     "load_checkpoint",
     "restore_trainer",
     "save_checkpoint",
+    "saved_elapsed",
     "trainer_state",
 ]
 
@@ -77,7 +80,8 @@ def trainer_state(tuner: FineTuner) -> dict[str, Any]:
 
     Returns:
         A dict: format, step, config (dict), adapter (name → tensor), optimizer, scheduler, rng (torch, cuda,
-        python, numpy), data ([epoch, next batch index]) and history (steps, evals, samples as dicts).
+        python, numpy), data ([epoch, next batch index]), elapsed_s (seconds spent so far) and history
+        (steps, evals, samples as dicts).
     """
     return {
         "format": _FORMAT,
@@ -88,6 +92,7 @@ def trainer_state(tuner: FineTuner) -> dict[str, Any]:
         "scheduler": tuner.scheduler.state_dict(),
         "rng": _rng_state(),
         "data": list(tuner._data_pos),
+        "elapsed_s": _elapsed(tuner),
         "history": {
             "steps": [asdict(s) for s in tuner.history.steps],
             "evals": [asdict(e) for e in tuner.history.evals],
@@ -96,22 +101,28 @@ def trainer_state(tuner: FineTuner) -> dict[str, Any]:
     }
 
 
+def _elapsed(tuner: FineTuner) -> float:
+    t0 = getattr(tuner, "_t0", None)
+    if t0 is not None:
+        return time.perf_counter() - t0
+    return float(tuner.history.steps[-1].elapsed_s) if tuner.history.steps else 0.0
+
+
+def saved_elapsed(state: dict[str, Any]) -> float:
+    """Seconds the run had spent when ``state`` was saved (older checkpoints: the last step's elapsed_s)."""
+    if isinstance(state.get("elapsed_s"), int | float):
+        return float(state["elapsed_s"])
+    steps = state.get("history", {}).get("steps") or []
+    return float(steps[-1].get("elapsed_s", 0.0)) if steps else 0.0
+
+
 def restore_trainer(tuner: FineTuner, state: dict[str, Any]) -> None:
     """Put ``state`` (from :func:`trainer_state`) back into a prepared tuner; the RNG states are set last.
 
     Raises:
         ValueError: the state belongs to a run with another config, or its adapter names do not match.
     """
-    cfg = tuner.config
-    wrong = {
-        k: (v, getattr(cfg, k)) for k, v in state["config"].items() if _norm(getattr(cfg, k)) != _norm(v)
-    }
-    if wrong:
-        raise ValueError(
-            "checkpoint: the checkpoint was written by a run with another config "
-            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in wrong.items())
-            + "; resume with the run's own config (FineTuner.resume(run_id))"
-        )
+    check_config(tuner.config, state)
     params = _trainable(tuner)
     if set(params) != set(state["adapter"]):
         missing = sorted(set(state["adapter"]) ^ set(params))[:4]
@@ -128,6 +139,23 @@ def restore_trainer(tuner: FineTuner, state: dict[str, Any]) -> None:
     tuner.history.evals[:] = [EvalEvent(**e) for e in hist["evals"]]
     tuner.history.samples[:] = [SampleEvent(**s) for s in hist["samples"]]
     _set_rng_state(state["rng"])
+
+
+def check_config(cfg: Any, state: dict[str, Any]) -> None:
+    """Refuse a config that differs from the one the checkpoint was written with (the compared fields).
+
+    Raises:
+        ValueError: the fields that differ, with the checkpoint's and the given values.
+    """
+    wrong = {
+        k: (v, getattr(cfg, k)) for k, v in state["config"].items() if _norm(getattr(cfg, k)) != _norm(v)
+    }
+    if wrong:
+        raise ValueError(
+            "checkpoint: the checkpoint was written by a run with another config "
+            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in wrong.items())
+            + "; resume with the run's own config (FineTuner.resume(run_id))"
+        )
 
 
 def _norm(v: Any) -> Any:

@@ -87,7 +87,8 @@ class FineTuner:
         ledger: record the run into the run ledger (``config.runs_dir``); False: no run folder.
 
     Raises:
-        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint.
+        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint, a folder that is
+            not a ledger run, or a run whose process is still running.
 
     Example:
         >>> tuner = FineTuner(FineTuneConfig(model="tiny-llama", steps=20), [PrintProgress()])
@@ -103,9 +104,9 @@ class FineTuner:
         resume: str | Path | None = None,
         ledger: bool = True,
     ) -> None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import check_config, load_checkpoint
         from .guards import UniformLossGuard
-        from .runs import run_dir
+        from .runs import check_not_running, run_dir
 
         if config.checkpoint_every < 0:
             raise ValueError(
@@ -114,7 +115,11 @@ class FineTuner:
         self.config = config
         self.callbacks: list[Any] = [UniformLossGuard(), *callbacks]
         self.run_dir: Path | None = run_dir(resume, config.runs_dir) if resume is not None else None
+        if self.run_dir is not None:
+            check_not_running(self.run_dir)  # before anything is read or written: one writer per run folder
         self._resume_state = load_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if self._resume_state is not None:  # before on_start rewrites config.json with this config
+            check_config(config, self._resume_state)
         self._ledger = ledger or resume is not None
         self._data_pos = (0, 0)  # (epoch, next batch index in it)
         self._saved_bytes: int | None = None
@@ -127,6 +132,7 @@ class FineTuner:
         self.tokenizer = None
         self.history = TrainResult(config)
         self.step = 0
+        self._t0: float | None = None  # origin of elapsed_s (a resumed run shifts it back by its time)
         self.running = False
         self.label_names: tuple[str, ...] = ()
 
@@ -134,11 +140,17 @@ class FineTuner:
     def resume(
         cls, run_id: str | Path, callbacks: Sequence[Any] = (), runs_dir: str | None = None
     ) -> FineTuner:
-        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint."""
-        from .runs import load_run
+        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint.
+
+        Raises:
+            ValueError: no such run, a run still running, or a run whose ``config.json`` is damaged (resuming
+                with default settings would train another model and overwrite the run's record).
+        """
+        from .runs import check_not_running, load_run, saved_config
 
         run = load_run(run_id, runs_dir)
-        return cls(run.fine_tune_config(), callbacks, resume=run.path)
+        check_not_running(run.path)
+        return cls(saved_config(run.path), callbacks, resume=run.path)
 
     def state_dict(self) -> dict[str, Any]:
         """The resumable state between steps (see :func:`runlora_nb.tuning.checkpoint.trainer_state`)."""
@@ -406,7 +418,7 @@ class FineTuner:
         cfg = self.config
         self.running = True
         self._stop.clear()
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         val: float | None = None
         self._checkpoint_step: int | None = None
         try:
@@ -420,9 +432,12 @@ class FineTuner:
                 StartEvent(cfg, counts.trainable, counts.total, len(self.train_set), len(self.val_set)),
             )
             if self._resume_state is not None:
-                from .checkpoint import restore_trainer
+                from .checkpoint import restore_trainer, saved_elapsed
 
                 restore_trainer(self, self._resume_state)  # RNG states last: the next step is the lost one
+                # elapsed_s continues from the time the run had already spent up to its checkpoint
+                t0 -= saved_elapsed(self._resume_state)
+                self._t0 = t0
                 self._resume_state, self._checkpoint_step = None, self.step
                 val = self.history.evals[-1].val_loss if self.history.evals else None
             elif self.history.evals and self.history.evals[-1].step == self.step:

@@ -13,7 +13,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,19 @@ from torch import nn
 from ..common.paths import atomic_dir
 from .parity import PARITY_PROMPTS, format_parity, parity_report, write_parity
 
-__all__ = ["FORMATS", "ExportResult", "base_copy", "export_from_files", "export_model", "merged_copy"]
+__all__ = [
+    "FORMATS",
+    "MANIFEST",
+    "ExportResult",
+    "base_copy",
+    "check_destination",
+    "export_from_files",
+    "export_model",
+    "merged_copy",
+]
 
 FORMATS = ("peft", "merged", "gguf")
+MANIFEST = "runlora_export.json"  # marks a folder as an export of ours and lists what it wrote
 
 
 @dataclass
@@ -52,16 +64,51 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def check_destination(out: str | os.PathLike) -> Path:
-    """Fail early, before any work, when ``out`` cannot become a folder.
+def _export_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest an earlier export wrote into ``folder``, or None (absent, unreadable, not ours)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (
+        not isinstance(data, dict)
+        or data.get("tool") != "runlora_nb"
+        or not isinstance(data.get("files"), list)
+    ):
+        return None
+    return data
+
+
+def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
+    """Fail early, before any work, when ``out`` cannot become a folder or holds something not ours.
+
+    An export replaces ``out`` as a whole. That is safe for an earlier export of ours (its ``MANIFEST``
+    lists everything it wrote) but would silently delete anything else: a non-empty folder without the
+    manifest, or one holding entries the manifest does not list (notes added later), is refused unless
+    ``force``.
 
     Raises:
-        ValueError: ``out`` is an existing file, an ancestor is a file, or the nearest existing ancestor is
-            not writable.
+        ValueError: ``out`` is an existing file, an ancestor is a file, the nearest existing ancestor is not
+            writable, or ``out`` is a non-empty folder that is not an earlier export (without ``force``).
     """
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"export: {out} exists and is not a folder; pass a folder path for --out")
+    if out.is_dir() and not force:
+        entries = sorted(p.name for p in out.iterdir())
+        manifest = _export_manifest(out)
+        foreign = [n for n in entries if manifest is None or n not in {*manifest["files"], MANIFEST}]
+        if entries and foreign:
+            why = (
+                "it is not an earlier export (no " + MANIFEST + ")"
+                if manifest is None
+                else "it holds entries the earlier export did not write"
+            )
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(
+                f"export: {out} is not empty and {why}: {shown}; exporting would replace the whole folder. "
+                "Choose a new or empty folder for --out, or pass --force (force=True) to replace it"
+            )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -211,25 +258,27 @@ def export_model(
     dtype: str = "f16",
     prompts: tuple[str, ...] = PARITY_PROMPTS,
     verbose: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Export a tuned model and check the artefact against it.
 
     Args:
         model: a model with RunLoRA adapters (:func:`~runlora_nb.apply_runlora`), or a PEFT model.
         tokenizer: its tokenizer (required for ``merged`` and ``gguf``; saved with ``peft`` when given).
-        out: the export folder (replaced atomically if it exists).
+        out: the export folder (replaced atomically if it is an earlier export; see :func:`check_destination`).
         fmt: ``peft`` (adapter folder), ``merged`` (transformers folder: safetensors, tokenizer, generation
             config) or ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``).
         dtype: GGUF tensor type, ``f32``, ``f16`` or ``bf16`` (ignored for the other formats).
         prompts: the parity prompt set.
         verbose: print the parity line.
+        force: replace ``out`` even when it is a non-empty folder that is not an earlier export.
 
     Returns:
-        An :class:`ExportResult`; ``parity.json`` is in the folder.
+        An :class:`ExportResult`; ``parity.json`` and the manifest ``runlora_export.json`` are in the folder.
 
     Raises:
-        ValueError: unknown format, missing tokenizer, a non-llama model for GGUF, an unwritable destination;
-            nothing is written.
+        ValueError: unknown format, missing tokenizer, a non-llama model for GGUF, an unwritable destination,
+            a non-empty destination that is not an earlier export (without ``force``); nothing is written.
     """
     if fmt not in FORMATS:
         raise ValueError(f"export: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -239,7 +288,7 @@ def export_model(
         from .gguf_export import check_gguf_exportable
 
         check_gguf_exportable(_inner(model), dtype)
-    out = check_destination(out)
+    out = check_destination(out, force)
     artefact = None
     try:
         with atomic_dir(out) as tmp:
@@ -253,7 +302,9 @@ def export_model(
                 report = export_gguf(model, tokenizer, tmp, dtype, prompts, merged_copy(model))
                 artefact = out / report["file"]
             write_parity(tmp, report)
-            files = sorted(p.name for p in tmp.iterdir())
+            files = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
+            manifest = {"tool": "runlora_nb", "format": fmt, "files": files, "created": time.time()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     except PermissionError as err:
         raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
     if verbose:
@@ -269,6 +320,7 @@ def export_from_files(
     *,
     dtype: str = "f16",
     verbose: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Load ``model`` (zoo name or folder) and its saved ``adapter`` folder, then :func:`export_model`.
 
@@ -278,7 +330,7 @@ def export_from_files(
     from ..assets.zoo import load_model
     from ..integrations.adapters import load_adapter
 
-    check_destination(out)  # before loading anything
+    check_destination(out, force)  # before loading anything
     base, tokenizer = load_model(model)
     tuned = load_adapter(base, adapter)
-    return export_model(tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose)
+    return export_model(tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose, force=force)

@@ -106,6 +106,7 @@ class LedgerCallback(TrainerCallback):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.id = self.dir.name
         self._ledger = RunLedger(self.dir)
+        self._ledger._opened = True  # the folder exists now: a deletion under the run stops its writes
         name = self.model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
         total = sum(p.numel() for p in model.parameters()) if model is not None else 0

@@ -44,14 +44,17 @@ __all__ = [
     "Comparison",
     "Run",
     "RunLedger",
+    "check_not_running",
     "compare",
     "config_from_dict",
+    "is_run_folder",
     "list_runs",
     "load_run",
     "new_run_dir",
     "remove_run",
     "run_dir",
     "runs_root",
+    "saved_config",
 ]
 
 STATUSES = ("running", "finished", "stopped", "failed", "diverged", "interrupted")
@@ -87,21 +90,51 @@ def new_run_dir(backend: str, root: str | os.PathLike | None = None) -> Path:
     raise RuntimeError(f"runs.new_run_dir: could not create a unique run folder under {base}")
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder the ledger wrote (not merely a folder with a ``config.json``).
+
+    A model folder, a merged export or a project folder can hold a ``config.json`` too, so the file's
+    presence proves nothing. The ledger's own marks are: a ``config.json`` whose ``id`` is the folder's name
+    and whose ``config`` is a dict, or a ``status.json`` with a ledger status and a pid (this one survives a
+    damaged ``config.json``).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    info = _read_json(path / "config.json")
+    if info.get("id") == path.absolute().name and isinstance(info.get("config"), dict):
+        return True
+    state = _read_json(path / "status.json")
+    return state.get("status") in STATUSES and "pid" in state
+
+
 def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """The folder of run ``run_id`` (an id under the root, or a path to a run folder).
 
+    Only folders the ledger wrote count (see :func:`is_run_folder`): everything that takes a run folder
+    (``rm``, resume) may delete or rewrite it, so a model folder or ``.`` is never taken for a run.
+
     Raises:
-        ValueError: no such run; the message lists where it looked.
+        ValueError: no such run (the message lists where it looked), or the path is a folder that is not a
+            ledger run.
     """
     given = Path(run_id)
-    if (given / "status.json").exists() or (given / "config.json").exists():
+    if is_run_folder(given):
         return given
     path = runs_root(root) / str(run_id)
-    if not (path / "config.json").exists():
+    if is_run_folder(path):
+        return path
+    for found in (given, path):
+        if not (found.is_dir() and ((found / "config.json").exists() or (found / "status.json").exists())):
+            continue
         raise ValueError(
-            f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+            f"runs: {found.absolute()} is not a run of the ledger (its config.json has no matching run id and "
+            "it has no run status.json; a model folder or an export also holds a config.json); pass a run id "
+            "from `runlora-nb runs list`"
         )
-    return path
+    raise ValueError(
+        f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+    )
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -118,9 +151,10 @@ def _jsonable(v: Any) -> Any:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _clean(value: Any) -> Any:
@@ -148,6 +182,45 @@ def config_from_dict(data: dict) -> FineTuneConfig:
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     return FineTuneConfig(**kwargs)
+
+
+def saved_config(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> FineTuneConfig:
+    """The :class:`FineTuneConfig` a run was started with, read strictly from its ``config.json``.
+
+    Readers of the ledger (list, show) tolerate a damaged file; resuming must not: an empty config means
+    default settings, another model, and a run record rewritten with them.
+
+    Raises:
+        ValueError: ``config.json`` is missing, not JSON, or holds no ``config`` with a ``model``; the message
+            names the file, what the checkpoint recorded, and the fix.
+    """
+    path = run_dir(run_id, root)
+    file = path / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        problem = None
+    except FileNotFoundError:
+        data, problem = None, "it is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data, problem = None, f"it cannot be read ({type(err).__name__}: {err})"
+    config = data.get("config") if isinstance(data, dict) else None
+    if problem is None and not (isinstance(config, dict) and config.get("model")):
+        problem = "it holds no run config with a model"
+    if problem is None:
+        return config_from_dict(config)
+    recorded = ""
+    try:
+        from .checkpoint import load_checkpoint
+
+        fields = load_checkpoint(path)["config"]
+        recorded = "; the checkpoint recorded " + ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(
+        f"runs: cannot resume run {path.name}: {file} is damaged ({problem}); nothing was written. Restore "
+        "the file, or resume with the run's config given explicitly: FineTuner(FineTuneConfig(...), "
+        f"resume={str(path)!r}){recorded}"
+    )
 
 
 def _effective_status(status: dict, run_id: str) -> str:
@@ -179,15 +252,41 @@ class RunLedger(Callback):
         self.resume_step = resume_step
         self._plans_written = False
         self._status: dict[str, Any] = {}
+        self._opened = False  # the folder exists from on_start on; before that it may not yet
+        self._removed = False
 
     # ---------------------------------------------------------------------------------- helpers
+    def _present(self) -> bool:
+        """Whether the run folder is still there; the first time it is found gone the run is stopped.
+
+        A folder deleted under a live run (``runs rm --force`` from another machine) must stay deleted: every
+        write below would recreate it (``atomic_write_text`` makes parent folders), leaving a ghost run.
+
+        Raises:
+            RuntimeError: the folder was removed (once; later calls return False and write nothing).
+        """
+        if self._removed:
+            return False
+        if self.dir.is_dir() or not self._opened:
+            return True
+        self._removed = True
+        _ACTIVE.discard(self.id)
+        raise RuntimeError(
+            f"runs: the run folder {self.dir} was removed while run {self.id} was training; the run stops here "
+            "and writes nothing more (start a new run to train again)"
+        )
+
     def _append(self, name: str, record: dict) -> None:
+        if not self._present():
+            return
         line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
         with open(self.dir / name, "a", encoding="utf-8") as fh:
             fh.write(line)  # one write per line: a kill tears at most the last line, which readers skip
             fh.flush()
 
     def _set_status(self, **fields: Any) -> None:
+        if not self._present():
+            return
         self._status.update(fields, updated=time.time())
         _write_json(self.dir / "status.json", self._status)
 
@@ -200,6 +299,7 @@ class RunLedger(Callback):
     # ---------------------------------------------------------------------------------- events
     def on_start(self, trainer, event) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._opened = True
         _ACTIVE.add(self.id)
         old = _read_json(self.dir / "config.json")
         _write_json(
@@ -231,7 +331,7 @@ class RunLedger(Callback):
         record = {"kind": "step", **asdict(event)}
         record["train_loss"] = record.pop("loss")
         self._append("metrics.jsonl", record)
-        if not self._plans_written:  # plans exist once the first step ran every layer
+        if not self._plans_written and not self._removed:  # plans exist once the first step ran every layer
             self._plans_written = True
             cfg = _read_json(self.dir / "config.json")
             plans = trainer.plans
@@ -247,10 +347,16 @@ class RunLedger(Callback):
     def on_checkpoint(self, trainer, event) -> None:
         from .checkpoint import save_checkpoint
 
+        if not self._present():
+            return
         save_checkpoint(self.dir, trainer.state_dict())
         self._set_status(checkpoint_step=trainer.step)
 
     def on_end(self, trainer, event) -> None:
+        if self._removed or (self._opened and not self.dir.is_dir()):  # deleted under the run: stays deleted
+            self._removed = True
+            _ACTIVE.discard(self.id)
+            return
         if not (self.dir / "config.json").exists():  # failed before on_start: still a listed, failed run
             _write_json(
                 self.dir / "config.json",
@@ -385,7 +491,7 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """
     rows = []
     for path in sorted(runs_root(root).iterdir(), reverse=True):
-        if not (path / "config.json").exists():
+        if not is_run_folder(path):
             continue
         run = load_run(path)
         c = run.config
@@ -412,17 +518,58 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def check_not_running(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+    """Refuse to take over a run whose process is still writing its folder.
+
+    Two processes writing one run folder interleave their metrics, checkpoints and status; so resuming a
+    live run is refused. A run marked running on another machine cannot be checked from here and is refused
+    too: the message says how to release it once that process is known to be gone.
+
+    Raises:
+        ValueError: the run is running (the message names the pid, the host and the fix).
+    """
+    run = load_run(run_id, root)
+    if run.status != "running":
+        return
+    pid, host = run.state.get("pid"), run.state.get("host")
+    if host in (None, socket.gethostname()):
+        raise ValueError(
+            f"runs: run {run.id} is still running (pid {pid} on this machine, writing {run.path}); a second "
+            f"process would write the same folder. Wait for it to end or stop it (kill {pid}), then resume"
+        )
+    raise ValueError(
+        f"runs: run {run.id} is marked running on {host} (pid {pid}), which this machine cannot check; if that "
+        f'process is gone, set "status" to "interrupted" in {run.path / "status.json"}, then resume'
+    )
+
+
 def remove_run(run_id: str, root: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Delete a run folder.
 
+    A run whose process is alive on this machine is never deleted, not even with ``force``: the process
+    would go on writing (status, metrics, checkpoints, the adapter) and bring a half run back into the
+    ledger. Stop it first. ``force`` is for a run marked running on another machine, which cannot be checked
+    from here. Should its process still be alive, its :class:`RunLedger` notices the folder is gone and stops
+    the run instead of recreating it.
+
     Raises:
-        ValueError: no such run, or it is still running (pass ``force=True`` to delete anyway).
+        ValueError: no such run, a folder that is not a ledger run, a run alive on this machine, or a run
+            marked running on another machine without ``force``.
     """
     run = load_run(run_id, root)
-    if run.status == "running" and not force:
-        raise ValueError(
-            f"runs: run {run.id} is still running (pid {run.state.get('pid')}); stop it or force"
-        )
+    if run.status == "running":
+        pid, host = run.state.get("pid"), run.state.get("host")
+        if host in (None, socket.gethostname()):
+            raise ValueError(
+                f"runs: run {run.id} is still running (pid {pid} on this machine); stop it first (Stop, Ctrl-C "
+                f"or kill {pid}), then remove it. --force does not delete a live run: its process would go on "
+                f"writing into {run.path} and bring the run back"
+            )
+        if not force:
+            raise ValueError(
+                f"runs: run {run.id} is marked running on {host} (pid {pid}), which this machine cannot check; "
+                "if that process is gone, pass --force (force=True) to delete it"
+            )
     shutil.rmtree(run.path)
     return run.path
 

@@ -41,6 +41,23 @@ def test_export_peft_writes_the_adapter_and_a_parity_report(tmp_path, capsys):
     assert "max_logit_diff" in json.dumps(json.loads((out / "parity.json").read_text()))
 
 
+def test_export_refuses_a_non_empty_folder_unless_forced(tmp_path, capsys):
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"text": "mine"}\n')
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--format", "peft",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--force" in err and "Traceback" not in err
+    assert (out / "train.jsonl").read_text() == '{"text": "mine"}\n'
+    assert main([*argv, "--force"]) == 0
+    assert (out / "adapter_config.json").is_file() and not (out / "train.jsonl").exists()
+
+
 def test_export_of_a_missing_adapter_is_an_error_line(tmp_path, capsys):
     code = main(
         ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]

@@ -123,5 +123,31 @@ def test_failed_export_leaves_nothing_and_keeps_old(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_mod, "parity_report", boom)
     with pytest.raises(RuntimeError, match="reload failed"):
-        export_model(model, tok, out, "merged")
+        export_model(model, tok, out, "merged", force=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and no_leftovers(out)
+
+
+def test_a_non_empty_folder_that_is_not_an_earlier_export_is_refused(tmp_path):
+    """`export --out DIR` silently replaced a folder of user notes and data."""
+    model, tok = tuned_llama()
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(
+        ValueError, match=r"is not empty and it is not an earlier export.*notes\.txt.*--force"
+    ):
+        export_model(model, tok, out, "peft", verbose=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and no_leftovers(out)
+
+    fresh = tmp_path / "export"
+    first = export_model(model, tok, fresh, "peft", verbose=False)
+    assert export_mod.MANIFEST in first.files
+    assert json.loads((fresh / export_mod.MANIFEST).read_text())["files"] == first.files
+    export_model(model, tok, fresh, "peft", verbose=False)  # an earlier export of ours is replaced
+    (fresh / "notes.txt").write_text("added later")
+    with pytest.raises(ValueError, match=r"holds entries the earlier export did not write: notes\.txt"):
+        export_model(model, tok, fresh, "peft", verbose=False)
+    assert (fresh / "notes.txt").read_text() == "added later"
+
+    forced = export_model(model, tok, out, "peft", verbose=False, force=True)
+    assert "notes.txt" not in forced.files and not (out / "notes.txt").exists()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,3 +182,79 @@ def test_a_run_whose_logits_stay_uniform_warns_end_to_end(tmp_path):
         res = FineTuner(cfg, model=(model, tok)).run()
     assert len(res.warnings) == 1 and "steps 1-4" in res.warnings[0]
     assert load_run(next(tmp_path.iterdir())).state["warnings"] == res.warnings
+
+
+def _checkpointed_run(root) -> Path:
+    """A finished two-step run with a checkpoint at step 1 (resumable)."""
+    cfg = FineTuneConfig(**{**CFG, "steps": 2, "checkpoint_every": 1, "eval_interval": 0}, runs_dir=str(root))
+    tuner = FineTuner(cfg)
+    tuner.run()
+    return tuner.run_dir
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_run_that_is_still_running_is_refused(tmp_path, capsys):
+    """Two processes wrote one run folder: `train --resume ID` was accepted while ID was training."""
+    folder = _checkpointed_run(tmp_path)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        status = json.loads((folder / "status.json").read_text())
+        status.update(status="running", pid=live.pid)
+        (folder / "status.json").write_text(json.dumps(status))
+        before = _snapshot(folder)
+        assert main(["train", "--resume", folder.name, "--runs-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "still running" in err and str(live.pid) in err
+        with pytest.raises(ValueError, match="still running"):
+            FineTuner(FineTuneConfig(**CFG, runs_dir=str(tmp_path)), resume=folder)
+        assert _snapshot(folder) == before  # nothing read into a trainer, nothing written
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("damage", ['{"id": "x", "conf', "", '{"config": {}}'])
+def test_resume_with_a_damaged_config_is_refused_before_writing(tmp_path, capsys, damage):
+    """A damaged config.json fell back to the defaults, then the run's record was rewritten and failed."""
+    folder = _checkpointed_run(tmp_path)
+    (folder / "config.json").write_text(damage)
+    before = _snapshot(folder)
+    assert main(["train", "--resume", folder.name, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'config.json'} is damaged" in err and "model='tiny-llama'" in err
+    with pytest.raises(ValueError, match="resume with the run's config given explicitly"):
+        FineTuner.resume(folder, runs_dir=str(tmp_path))
+    assert _snapshot(folder) == before
+
+
+def test_resume_with_another_config_is_refused_before_writing(tmp_path):
+    folder = _checkpointed_run(tmp_path)
+    before = _snapshot(folder)
+    with pytest.raises(ValueError, match=r"another config lr=0\.003"):
+        FineTuner(FineTuneConfig(**{**CFG, "steps": 2, "lr": 1e-3}, runs_dir=str(tmp_path)), resume=folder)
+    assert _snapshot(folder) == before
+
+
+def test_elapsed_continues_from_the_time_already_spent_on_resume(tmp_path):
+    """elapsed_s restarted from zero on resume."""
+    cfg = FineTuneConfig(**{**CFG, "checkpoint_every": 0, "eval_interval": 0}, runs_dir=str(tmp_path))
+
+    class SlowThenStop:
+        def on_step(self, trainer, event):
+            if event.step == 2:
+                time.sleep(2.0)  # the first session spends at least 2 s
+            if event.step == 3:
+                trainer.stop()
+
+    tuner = FineTuner(cfg, [SlowThenStop()])
+    first = tuner.run()
+    spent = first.steps[-1].elapsed_s
+    assert first.end.step == 3 and spent >= 2.0
+    again = FineTuner.resume(tuner.run_dir.name, runs_dir=str(tmp_path)).run()
+    resumed = [s.elapsed_s for s in again.steps if s.step > 3]
+    assert resumed and min(resumed) > spent and again.end.elapsed_s > spent
+    run = load_run(tuner.run_dir)
+    assert run.steps.elapsed_s.is_monotonic_increasing and run.state["elapsed_s"] > spent

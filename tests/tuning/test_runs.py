@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,11 +115,72 @@ def test_cli_runs_list_show_compare_rm(two_runs, tmp_path, capsys):
     assert "lr" in capsys.readouterr().out and json.loads(fig.read_text())["data"]
     assert main(["runs", "show", "nope", "--runs-dir", str(root)]) == 2
     victim = new_run_dir("runlora", root)
-    (victim / "config.json").write_text(json.dumps({"config": {}}))
+    (victim / "config.json").write_text(json.dumps({"id": victim.name, "config": {}}))
     assert main(["runs", "rm", victim.name, "--runs-dir", str(root)]) == 0
     assert not victim.exists()
     with pytest.raises(ValueError, match="no run"):
         remove_run(victim.name, root)
+
+
+def test_rm_refuses_folders_that_are_not_ledger_runs(tmp_path, monkeypatch, capsys):
+    """A model folder, an export and a project folder all hold a config.json; none of them is a run."""
+    root = tmp_path / "runs"
+    model = root / "tiny-model"  # even inside the ledger root
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text(json.dumps({"config": {"lr": 1}}))
+    (project / "train.py").write_text("print('mine')")
+    monkeypatch.chdir(project)
+    for target in (str(model), model.name, ".", str(project)):
+        with pytest.raises(ValueError, match="is not a run of the ledger"):
+            remove_run(target, root)
+        assert main(["runs", "rm", target, "--force", "--runs-dir", str(root)]) == 2
+        assert "not a run of the ledger" in capsys.readouterr().err
+    assert (model / "config.json").is_file() and (project / "train.py").is_file()
+    assert list_runs(root).empty  # the model folder under the root is not listed as a run either
+
+
+def test_rm_force_never_deletes_a_run_alive_here(tmp_path):
+    """Deleting a live run's folder left a ghost: its process wrote status and checkpoints back into it."""
+    cfg = FineTuneConfig(**QUICK, steps=3, eval_interval=0, checkpoint_every=1, sample_prompts=(),
+                         runs_dir=str(tmp_path))  # fmt: skip
+
+    class RmAt:
+        def on_step(self, trainer, event):
+            if event.step == 2:
+                with pytest.raises(ValueError, match=r"still running.*--force does not delete a live run"):
+                    remove_run(trainer.run_dir.name, tmp_path, force=True)
+
+    tuner = FineTuner(cfg, [RmAt()])
+    tuner.run()
+    assert load_run(tuner.run_dir).status == "finished" and tuner.run_dir.is_dir()
+
+
+def test_a_run_folder_removed_under_the_run_stays_removed(tmp_path):
+    cfg = FineTuneConfig(**QUICK, steps=4, eval_interval=0, checkpoint_every=1, sample_prompts=(),
+                         runs_dir=str(tmp_path))  # fmt: skip
+
+    class RemoveAt:  # what `runs rm --force` from another machine does to a live run
+        def on_step(self, trainer, event):
+            if event.step == 2:
+                shutil.rmtree(trainer.run_dir)
+
+    tuner = FineTuner(cfg, [RemoveAt()])
+    with pytest.raises(RuntimeError, match="was removed while run"):
+        tuner.run()
+    assert not tuner.run_dir.exists() and list_runs(tmp_path).empty
+
+
+def test_rm_of_a_run_marked_running_on_another_machine_needs_force(tmp_path, capsys):
+    victim = new_run_dir("runlora", tmp_path)
+    (victim / "config.json").write_text(json.dumps({"id": victim.name, "config": {}}))
+    (victim / "status.json").write_text(json.dumps({"status": "running", "pid": 1, "host": "elsewhere"}))
+    assert main(["runs", "rm", victim.name, "--runs-dir", str(tmp_path)]) == 2
+    assert "cannot check" in capsys.readouterr().err and victim.is_dir()
+    assert main(["runs", "rm", victim.name, "--force", "--runs-dir", str(tmp_path)]) == 0
+    assert not victim.exists()
 
 
 def test_a_run_failing_at_setup_or_interrupted_by_ctrl_c_is_listed_with_its_status(tmp_path):
