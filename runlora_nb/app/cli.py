@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--mode", default="auto", choices=["auto", "flops", "timed"])
     model.add_argument("--plans", type=Path, help="write the per-module plan table as CSV")
     model.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
+    model.add_argument(
+        "--compile", action="store_true", help="also race torch.compile-d copies (compiled in the warm-up)"
+    )
     _add_output_args(model)
 
     plan = sub.add_parser("plan", help="which chain pair each planner mode picks for a shape, and why")
@@ -233,6 +236,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         reps=args.reps,
         warmup=args.warmup,
         device=args.device,
+        compile=args.compile,
     )
     table = result.times
     show = pd.DataFrame(

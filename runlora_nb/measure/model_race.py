@@ -136,6 +136,7 @@ def race_model(
     cancel: Callable[[], bool] | None = None,
     shuffle_seed: int | None = 0,
     device: str = "cpu",
+    compile: bool = False,
 ) -> ModelRace:
     """Time a whole training step (forward + backward) without adapters, with PEFT and with runlora_nb.
 
@@ -157,6 +158,9 @@ def race_model(
         cancel: polled between steps; stops early (``times.attrs["cancelled"]``).
         device: ``"cpu"`` or a CUDA device (each candidate's copy and the batch move there; CUDA is
             synchronised around every timed step and ``peak_bytes`` is the allocator's peak of one step).
+        compile: also race a ``torch.compile``-d copy of each candidate ("no adapters compiled", "peft compiled",
+            "runlora compiled"; compiled in the untimed warm-up, so ``warmup`` must be >= 1). Their saved bytes
+            are not recorded (NaN): saved-tensor hooks do not see inside a compiled graph.
 
     Returns:
         A :class:`ModelRace`.
@@ -169,6 +173,8 @@ def race_model(
             f"race_model: device {device!r} asked for, but this torch build sees no CUDA device "
             f"(torch {torch.__version__}); use device='cpu'"
         )
+    if compile and warmup < 1:
+        raise ValueError("race_model: compile=True compiles in the warm-up; use warmup >= 1")
     if min(batch, seq, r, reps) < 1 or warmup < 0:
         raise ValueError(
             f"race_model: batch, seq, r and reps must be >= 1 and warmup >= 0, got batch={batch}, seq={seq}, "
@@ -202,6 +208,10 @@ def race_model(
             loss.backward()
             peak[labels[key]] = torch.cuda.max_memory_allocated(device) if cuda else None
             cands[labels[key]] = Candidate(labels[key], kinds[key], m, saved_bytes=rec.activation_bytes())
+        if compile:
+            for key, m in variants.items():
+                name_c = labels[key] + " compiled"
+                cands[name_c] = Candidate(name_c, kinds[key], torch.compile(m), saved_bytes=-1)
         steps = {c.name: _model_step(c.module, data) for c in cands.values()}
         collected: dict[str, list[float]] = {}
 
@@ -236,8 +246,8 @@ def race_model(
             "iqr_s": measurement_of(c, collected.get(c.name, []), True).iqr,
             "ratio_base": med.get(c.name, math.nan) / base_t,
             "ratio_peft": med.get(c.name, math.nan) / peft_t,
-            "saved_bytes": c.saved_bytes,
-            "saved_over_peft": c.saved_bytes / peft_saved if peft_saved else math.nan,
+            "saved_bytes": c.saved_bytes if c.saved_bytes >= 0 else math.nan,
+            "saved_over_peft": c.saved_bytes / peft_saved if peft_saved and c.saved_bytes >= 0 else math.nan,
             "peak_bytes": peak.get(c.name),
             "tokens_per_s": batch * seq / med.get(c.name, math.nan),
             "reps": len(collected.get(c.name, [])),

@@ -14,6 +14,7 @@ from ..core.base import BaseInfo, describe_base
 from ..core.chains import BACKWARD, FORWARD, Needs, pair_flops, pair_temp_bytes, valid_pairs
 from ..core.function import CallSpec, lora_apply
 from ..planning.planner import MODES, ChainPlan, plan_chains
+from .compiled import lora_linear
 
 __all__ = ["ChainDispatch", "RunLoRALinear", "default_adapter_dtype"]
 
@@ -149,8 +150,14 @@ class ChainDispatch:
         grad = torch.is_grad_enabled()
         needs = Needs(grad and x.requires_grad, grad and a.requires_grad, grad and b.requires_grad)
         p = dropout if self.training else 0.0
-        n = x.numel() // info.in_features
         base_dtype, adapter_dtype = self._compute_dtypes(x.device.type, a.dtype, x.dtype)
+        if not info.quantized and torch.compiler.is_compiling():  # one opaque op for Dynamo: no graph breaks
+            base = self.base_layer
+            return lora_linear(
+                x, a, b, base.weight, getattr(base, "bias", None), chain=self.runlora_chain, scaling=scaling,
+                dropout=p, conv1d=info.conv1d, base_dtype=base_dtype, adapter_dtype=adapter_dtype, needs=needs,
+            )  # fmt: skip
+        n = x.numel() // info.in_features
         key = (n, needs, base_dtype, adapter_dtype, x.device, p, scaling, a.shape[0])
         spec = self._runlora_specs.get(key)
         if spec is None:
