@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "runlora_nb"
 # bottom → top; a module may import its own layer and any layer to its left
-LAYERS = ("common", "core", "planning", "nn", "integrations", "assets", "measure", "tuning", "app")
+LAYERS = ("common", "core", "planning", "nn", "integrations", "assets", "measure", "tuning", "app", "widgets")
+WIDGETS = ROOT / "widgets"  # installed as runlora_nb.widgets
 TOP = {"runlora_nb", "runlora_nb._compat"}  # the package facade sits above every layer
 MAX_LINES = 560  # "no module over ~500 lines", with a little room for docstrings
 
@@ -25,9 +27,23 @@ MAX_LINES = 560  # "no module over ~500 lines", with a little room for docstring
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
+    if parts[0] == "widgets":
+        parts.insert(0, "runlora_nb")
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
+
+
+def _source_of(module: str) -> Path:
+    """The folder-or-file stem of a runlora_nb module (``runlora_nb.widgets.x`` lives in ``widgets/x``)."""
+    parts = module.split(".")
+    if parts[:2] == ["runlora_nb", "widgets"]:
+        return WIDGETS.joinpath(*parts[2:])
+    return ROOT.joinpath(*parts)
+
+
+def _sources() -> list[Path]:
+    return [*PKG.rglob("*.py"), *WIDGETS.rglob("*.py")]
 
 
 def _resolve(module: str, node: ast.ImportFrom, is_pkg: bool) -> list[str]:
@@ -43,16 +59,15 @@ def _resolve(module: str, node: ast.ImportFrom, is_pkg: bool) -> list[str]:
     out = [target]
     for alias in node.names:
         candidate = f"{target}.{alias.name}"
-        if (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() or (
-            ROOT / Path(*candidate.split(".")) / "__init__.py"
-        ).exists():
+        stem = _source_of(candidate)
+        if stem.with_suffix(".py").exists() or (stem / "__init__.py").exists():
             out.append(candidate)
     return out
 
 
 def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
-    for path in PKG.rglob("*.py"):
+    for path in _sources():
         name = _module_name(path)
         deps: set[str] = set()
         tree = ast.parse(path.read_text())
@@ -137,19 +152,49 @@ def import_graph_cache() -> dict[str, set[str]]:
 
 def test_no_module_is_huge():
     big = {
-        str(p.relative_to(ROOT)): n
-        for p in [*PKG.rglob("*.py"), *(ROOT / "widgets").rglob("*.py")]
-        if (n := len(p.read_text().splitlines())) > MAX_LINES
+        str(p.relative_to(ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not big, f"modules over {MAX_LINES} lines (split them along their ideas): {big}"
 
 
 def test_every_layer_package_says_what_it_owns():
     for layer in LAYERS:
-        doc = ast.get_docstring(ast.parse((PKG / layer / "__init__.py").read_text()))
+        init = _source_of(f"runlora_nb.{layer}") / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and "may import" in doc.lower(), (
-            f"runlora_nb/{layer}/__init__.py must say what it owns and may import"
+            f"{init.relative_to(ROOT)} must say what it owns and may import"
         )
+
+
+# the panels' state and jobs: scripts and tests drive them without a notebook, so they import no widget library
+CONTROLLERS = ("picker", "race", "lab", "finetune", "runs", "sweep", "tasks", "formatting")
+
+
+def test_the_controllers_import_without_ipywidgets_or_plotly():
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ipywidgets', 'plotly', 'anywidget', 'traitlets'):\n"
+        "            raise ImportError(f'{name} is blocked: a controller must not need it')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    code = blocker + "".join(f"import runlora_nb.widgets.{m}\n" for m in CONTROLLERS)
+    code += "import runlora_nb.widgets as w\nw.PickerController, w.RaceController, w.SweepController\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_importing_the_widgets_package_loads_no_view_until_one_is_used():
+    code = (
+        "import sys, runlora_nb.widgets as w\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'plotly')))\n"
+        "w.ChainRace\n"
+        "print('ipywidgets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
 
 
 @pytest.mark.parametrize(

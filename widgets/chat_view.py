@@ -9,7 +9,7 @@ import ipywidgets as widgets
 
 from runlora_nb.tuning.chat import ChatAB
 
-from ._util import Panel
+from .chrome import Panel
 
 __all__ = ["ChatPanel"]
 

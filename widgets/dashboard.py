@@ -6,7 +6,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ._util import close_tree
+from .chrome import close_tree
 from .finetune import FineTuneController
 from .finetune_view import FineTunePanel
 from .lab_view import LoRALab

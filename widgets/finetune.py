@@ -27,7 +27,7 @@ from runlora_nb.tuning import (
     with_backend,
 )
 
-from ._util import BackgroundTask, Listeners
+from .tasks import BackgroundTask, Listeners
 
 __all__ = ["FineTuneController", "FineTuneSettings", "RunTrace"]
 
@@ -211,7 +211,7 @@ class FineTuneController:
         return configs
 
     def _run_all(self, configs: list[FineTuneConfig]) -> None:
-        from ._util import quiet_imports
+        from .tasks import quiet_imports
 
         try:
             quiet_imports()

@@ -8,8 +8,9 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ._util import Panel, df_html, ema, fmt_seconds
+from .chrome import Panel
 from .finetune import FineTuneController, RunTrace
+from .formatting import df_html, ema, fmt_seconds
 
 __all__ = ["BACKEND_COLORS", "FineTunePanel"]
 

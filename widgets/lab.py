@@ -221,7 +221,7 @@ def _proxy_saved(dropout: bool, x_needs_grad: bool) -> pd.DataFrame:
         if key not in _PROXY_CACHE:
             from runlora_nb.measure import layer_saved_tensors
 
-            from ._util import quiet_imports
+            from .tasks import quiet_imports
 
             quiet_imports()  # the first PEFT layer imports peft: keep its warnings out of the notebook
             p = PROXY

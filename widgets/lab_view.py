@@ -10,8 +10,11 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ._util import BackgroundTask, Panel, df_html, fmt_bytes, shape_sliders
+from .chrome import Panel
+from .formatting import df_html, fmt_bytes
 from .lab import ALL_PAIRS, PROXY, LabController, warm_up
+from .lora_inputs import shape_sliders
+from .tasks import BackgroundTask
 
 __all__ = ["LoRALab"]
 

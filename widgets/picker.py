@@ -15,7 +15,7 @@ import pandas as pd
 
 from runlora_nb.tuning import FineTuneConfig
 
-from ._util import Listeners
+from .tasks import Listeners
 
 __all__ = [
     "ALL_LINEAR",
@@ -178,7 +178,7 @@ class PickerController:
         from runlora_nb.core.base import describe_base
         from runlora_nb.integrations.inject import find_targets, trainable_parameters
 
-        from ._util import quiet_imports
+        from .tasks import quiet_imports
 
         quiet_imports()  # transformers must not be imported from two threads at once
         key = self.choice.load_key

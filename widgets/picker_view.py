@@ -10,8 +10,10 @@ import pandas as pd
 
 from runlora_nb.assets.zoo import RANDOM_WEIGHTS_LABEL, is_random_init, quantization_support
 
-from ._util import BackgroundTask, ChoiceButtons, Panel, df_html, fmt_bytes, fmt_count, quiet_imports
+from .chrome import ChoiceButtons, Panel
+from .formatting import df_html, fmt_bytes, fmt_count
 from .picker import ALL_LINEAR, DTYPE_CHOICES, QUANT_CHOICES, PickerChoice, PickerController
+from .tasks import BackgroundTask, quiet_imports
 
 __all__ = ["ModelPicker"]
 

@@ -19,7 +19,7 @@ from runlora_nb.core.chains import valid_pairs
 from runlora_nb.measure import DTYPES, LayerSpec, Measurement, race_layer, race_model
 from runlora_nb.measure.layer_race import twin_names
 
-from ._util import BackgroundTask, Listeners
+from .tasks import BackgroundTask, Listeners
 
 __all__ = ["SOURCES", "RaceController", "RaceSettings", "devices"]
 
@@ -208,7 +208,7 @@ class RaceController:
         self.listeners.notify("started", list(self.candidates))
 
     def _race(self) -> pd.DataFrame:
-        from ._util import quiet_imports
+        from .tasks import quiet_imports
 
         quiet_imports()
         s = self.ran or self.settings

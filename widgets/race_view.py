@@ -15,7 +15,9 @@ from plotly.subplots import make_subplots
 from runlora_nb.app.report import COLORS
 
 from ._frame_sync import FrameSync
-from ._util import Panel, df_html, fmt_seconds, shape_sliders
+from .chrome import Panel
+from .formatting import df_html, fmt_seconds
+from .lora_inputs import shape_sliders
 from .picker import DTYPE_CHOICES
 from .race import SOURCES, RaceController, devices
 

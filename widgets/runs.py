@@ -13,7 +13,7 @@ import pandas as pd
 
 from runlora_nb.tuning.runs import Comparison, compare, list_runs, load_run, runs_root
 
-from ._util import Listeners
+from .tasks import Listeners
 
 __all__ = ["RunsController", "run_label"]
 

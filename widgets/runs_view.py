@@ -8,7 +8,8 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ._util import Panel, df_html, ema
+from .chrome import Panel
+from .formatting import df_html, ema
 from .runs import RunsController, run_label
 
 __all__ = ["RunsPanel"]

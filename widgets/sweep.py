@@ -19,7 +19,7 @@ from runlora_nb.tuning.events import Callback
 from runlora_nb.tuning.space import SearchSpace, parse_values
 from runlora_nb.tuning.sweep import leaderboard, run_sweep
 
-from ._util import BackgroundTask, Listeners
+from .tasks import BackgroundTask, Listeners
 
 __all__ = ["SweepController", "SweepSettings", "TrialCurve"]
 

@@ -8,7 +8,8 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ._util import Panel, df_html
+from .chrome import Panel
+from .formatting import df_html
 from .sweep import SweepController
 
 __all__ = ["SweepPanel"]

@@ -18,7 +18,8 @@ from plotly.subplots import make_subplots
 
 from runlora_nb.tuning.hf_trainer import LedgerCallback
 
-from ._util import Panel, ema, fmt_seconds
+from .chrome import Panel
+from .formatting import ema, fmt_seconds
 
 __all__ = ["TrainerMonitor", "ema"]
 

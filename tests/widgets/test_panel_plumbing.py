@@ -11,18 +11,9 @@ import traitlets
 from panel_helpers import all_widgets, wait_until
 
 from runlora_nb.assets import zoo
-from runlora_nb.widgets._util import (
-    BackgroundTask,
-    ChoiceButtons,
-    ErrorArea,
-    Listeners,
-    Panel,
-    Throttle,
-    df_html,
-    fmt_bytes,
-    fmt_count,
-    fmt_seconds,
-)
+from runlora_nb.widgets.chrome import ChoiceButtons, ErrorArea, Panel
+from runlora_nb.widgets.formatting import df_html, fmt_bytes, fmt_count, fmt_seconds
+from runlora_nb.widgets.tasks import BackgroundTask, Listeners, Throttle
 
 
 def test_throttle_runs_at_most_once_per_interval_and_draws_the_last_state():
