@@ -140,7 +140,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..tuning.runs import compare
+    from ..tuning.run_compare import compare
 
     cmp = compare(args.ids, args.runs_dir)
     print(cmp.summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -19,13 +19,15 @@ from .events import (
     StepEvent,
     TrainResult,
 )
-from .runs import Run, RunLedger, compare, list_runs, load_run, remove_run
+from .run_compare import Comparison, compare
+from .runs import Run, RunLedger, list_runs, load_run, remove_run
 from .space import SearchSpace
 from .sweep import leaderboard, run_sweep
 
 __all__ = [
     "Callback",
     "CheckpointEvent",
+    "Comparison",
     "DivergedError",
     "EndEvent",
     "EvalEvent",

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..common.jsonfiles import read_json_dict, write_json
 from ..integrations.inject import runlora_layers
 from ..integrations.plans import plan_table
-from .runs import _ACTIVE, RunLedger, _read_json, _versions, _write_json, new_run_dir
+from .runs import _ACTIVE, RunLedger, _versions, new_run_dir
 
 __all__ = ["LedgerCallback"]
 
@@ -127,7 +128,7 @@ class LedgerCallback(TrainerCallback):
             "output_dir": args.output_dir,
         }
         _ACTIVE.add(self.id)
-        _write_json(
+        write_json(
             self.dir / "config.json",
             {
                 "id": self.id,
@@ -177,9 +178,9 @@ class LedgerCallback(TrainerCallback):
     def _write_plans(self, model: torch.nn.Module) -> None:
         plans = plan_table(model)
         if len(plans):
-            cfg = _read_json(self.dir / "config.json")
+            cfg = read_json_dict(self.dir / "config.json")
             cfg["plans"] = json.loads(plans.to_json(orient="records"))
-            _write_json(self.dir / "config.json", cfg)
+            write_json(self.dir / "config.json", cfg)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}

@@ -20,7 +20,6 @@ else ``<cache>/runs``. Plotly figures are plain dict specs (no plotly import).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -34,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..common.jsonfiles import finite_or_none, read_json_dict, write_json
 from ..common.paths import atomic_write_text, cache_dir
 from ..common.sysmem import pid_alive as _pid_alive
 from .config import FineTuneConfig
@@ -41,11 +41,9 @@ from .events import Callback
 
 __all__ = [
     "STATUSES",
-    "Comparison",
     "Run",
     "RunLedger",
     "check_not_running",
-    "compare",
     "config_from_dict",
     "is_run_folder",
     "list_runs",
@@ -101,10 +99,10 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    info = _read_json(path / "config.json")
+    info = read_json_dict(path / "config.json")
     if info.get("id") == path.absolute().name and isinstance(info.get("config"), dict):
         return True
-    state = _read_json(path / "status.json")
+    state = read_json_dict(path / "status.json")
     return state.get("status") in STATUSES and "pid" in state
 
 
@@ -135,33 +133,6 @@ def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) ->
     raise ValueError(
         f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
     )
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_jsonable))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, tuple | set):
-        return list(v)
-    return str(v)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf become None in JSON lines (json.dumps would write bare NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _versions() -> dict[str, str | None]:
@@ -279,7 +250,7 @@ class RunLedger(Callback):
     def _append(self, name: str, record: dict) -> None:
         if not self._present():
             return
-        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        line = json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n"
         with open(self.dir / name, "a", encoding="utf-8") as fh:
             fh.write(line)  # one write per line: a kill tears at most the last line, which readers skip
             fh.flush()
@@ -288,7 +259,7 @@ class RunLedger(Callback):
         if not self._present():
             return
         self._status.update(fields, updated=time.time())
-        _write_json(self.dir / "status.json", self._status)
+        write_json(self.dir / "status.json", self._status)
 
     def _truncate(self, name: str, step: int) -> None:
         path = self.dir / name
@@ -301,8 +272,8 @@ class RunLedger(Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         self._opened = True
         _ACTIVE.add(self.id)
-        old = _read_json(self.dir / "config.json")
-        _write_json(
+        old = read_json_dict(self.dir / "config.json")
+        write_json(
             self.dir / "config.json",
             {
                 "id": self.id,
@@ -317,7 +288,7 @@ class RunLedger(Callback):
         )
         if self.resume_step is not None:
             self._truncate("metrics.jsonl", self.resume_step)
-            self._status = _read_json(self.dir / "status.json")
+            self._status = read_json_dict(self.dir / "status.json")
         self._set_status(
             status="running",
             pid=os.getpid(),
@@ -333,10 +304,10 @@ class RunLedger(Callback):
         self._append("metrics.jsonl", record)
         if not self._plans_written and not self._removed:  # plans exist once the first step ran every layer
             self._plans_written = True
-            cfg = _read_json(self.dir / "config.json")
+            cfg = read_json_dict(self.dir / "config.json")
             plans = trainer.plans
             cfg["plans"] = json.loads(plans.to_json(orient="records")) if len(plans) else []
-            _write_json(self.dir / "config.json", cfg)
+            write_json(self.dir / "config.json", cfg)
 
     def on_eval(self, trainer, event) -> None:
         self._append("metrics.jsonl", {"kind": "eval", **asdict(event)})
@@ -358,7 +329,7 @@ class RunLedger(Callback):
             _ACTIVE.discard(self.id)
             return
         if not (self.dir / "config.json").exists():  # failed before on_start: still a listed, failed run
-            _write_json(
+            write_json(
                 self.dir / "config.json",
                 {"id": self.id, "config": asdict(trainer.config), "versions": _versions()},
             )
@@ -456,8 +427,8 @@ def load_run(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -
         ValueError: no such run.
     """
     path = run_dir(run_id, root)
-    info = _read_json(path / "config.json")
-    state = _read_json(path / "status.json")
+    info = read_json_dict(path / "config.json")
+    state = read_json_dict(path / "status.json")
     lines = _read_lines(path / "metrics.jsonl")
     steps = pd.DataFrame(
         [{k: v for k, v in r.items() if k != "kind"} for r in lines if r.get("kind") == "step"]
@@ -572,102 +543,3 @@ def remove_run(run_id: str, root: str | os.PathLike | None = None, force: bool =
             )
     shutil.rmtree(run.path)
     return run.path
-
-
-# ------------------------------------------------------------------------------------------------- compare
-
-
-@dataclass
-class Comparison:
-    """Runs side by side.
-
-    Attributes:
-        curves: tidy table run, step, metric (train_loss / val_loss), value.
-        config_diff: one row per config field that differs, one column per run.
-        summary: one row per run (status, steps reached, last train and val loss, median tokens/s).
-        figure: plotly spec ``{"data": [...], "layout": {...}}``: train loss solid, val loss dashed with markers.
-    """
-
-    curves: pd.DataFrame
-    config_diff: pd.DataFrame
-    summary: pd.DataFrame
-    figure: dict
-
-
-def compare(ids: list[str], root: str | os.PathLike | None = None) -> Comparison:
-    """Overlay runs' curves and list their config differences.
-
-    Args:
-        ids: run ids (or run folders), at least one.
-        root: the ledger root.
-
-    Returns:
-        A :class:`Comparison`.
-
-    Raises:
-        ValueError: no ids, or an unknown run.
-    """
-    if not ids:
-        raise ValueError("runs.compare: give at least one run id (`runlora-nb runs list` shows them)")
-    runs = [load_run(i, root) for i in ids]
-    frames = []
-    for run in runs:
-        for df, col in ((run.steps, "train_loss"), (run.evals, "val_loss")):
-            if len(df) and col in df:
-                frames.append(pd.DataFrame({"run": run.id, "step": df.step, "metric": col, "value": df[col]}))
-    curves = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["run", "step", "metric", "value"])
-    )
-    keys = sorted({k for run in runs for k in run.config})
-    diff_rows = []
-    for key in keys:
-        values = [json.dumps(run.config.get(key), default=str) for run in runs]
-        if len(set(values)) > 1:
-            diff_rows.append({"field": key, **{run.id: run.config.get(key) for run in runs}})
-    config_diff = pd.DataFrame(diff_rows, columns=["field", *[r.id for r in runs]])
-    summary = pd.DataFrame(
-        [
-            {
-                "id": r.id,
-                "status": r.status,
-                "step": int(r.steps.step.max()) if len(r.steps) else 0,
-                "train_loss": float(r.steps.train_loss.iloc[-1]) if len(r.steps) else None,
-                "val_loss": float(r.evals.val_loss.iloc[-1]) if len(r.evals) else None,
-                "tokens_per_s": float(r.steps.tokens_per_s.iloc[1:].median()) if len(r.steps) > 1 else None,
-            }
-            for r in runs
-        ]
-    )
-    return Comparison(curves, config_diff, summary, _figure(curves, [r.id for r in runs]))
-
-
-def _figure(curves: pd.DataFrame, ids: list[str]) -> dict:
-    palette = ["#1e88e5", "#ef6c00", "#2e7d32", "#8e24aa", "#c62828", "#00897b", "#6d4c41", "#3949ab"]
-    data = []
-    for k, run_id in enumerate(ids):
-        color = palette[k % len(palette)]
-        for metric, line in (("train_loss", {"width": 1.5}), ("val_loss", {"width": 2, "dash": "dash"})):
-            sel = curves[(curves.run == run_id) & (curves.metric == metric)]
-            if not len(sel):
-                continue
-            data.append(
-                {
-                    "type": "scatter",
-                    "mode": "lines" if metric == "train_loss" else "lines+markers",
-                    "name": f"{run_id} {metric.split('_')[0]}",
-                    "legendgroup": run_id,
-                    "x": [int(s) for s in sel.step],
-                    "y": [_clean(float(v)) for v in sel.value],
-                    "line": {"color": color, **line},
-                }
-            )
-    layout = {
-        "title": {"text": "Runs: train loss (solid) and validation loss (dashed)"},
-        "xaxis": {"title": {"text": "step"}},
-        "yaxis": {"title": {"text": "loss"}},
-        "height": 420,
-        "legend": {"orientation": "h"},
-    }
-    return {"data": data, "layout": layout}

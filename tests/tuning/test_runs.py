@@ -13,7 +13,8 @@ import pytest
 from runlora_nb.app.cli import main
 from runlora_nb.tuning import FineTuneConfig, FineTuner
 from runlora_nb.tuning import runs as ledger
-from runlora_nb.tuning.runs import compare, list_runs, load_run, new_run_dir, remove_run
+from runlora_nb.tuning.run_compare import compare
+from runlora_nb.tuning.runs import list_runs, load_run, new_run_dir, remove_run
 
 QUICK = {
     "model": "tiny-llama",
