@@ -11,7 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.tuning.runs import Comparison, compare, list_runs, load_run, runs_root
+from runlora_nb.tuning.run_compare import Comparison, compare
+from runlora_nb.tuning.runs import list_runs, load_run, runs_root
 
 from .tasks import Listeners
 
