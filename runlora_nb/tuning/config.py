@@ -7,7 +7,25 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["FineTuneConfig", "load_config", "save_config", "with_backend"]
+__all__ = ["FineTuneConfig", "config_fields", "load_config", "save_config", "with_backend"]
+
+# Numeric fields by kind: YAML 1.1 reads ``3e-4`` (no dot) as a string, so load_config coerces text that
+# parses as a number, and __post_init__ checks the kinds so a bad value names its field instead of failing
+# in a comparison later.
+INT_FIELDS = (
+    "r",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "warmup_steps",
+    "eval_interval",
+    "eval_batches",
+    "seed",
+    "sample_tokens",
+    "checkpoint_every",
+)
+FLOAT_FIELDS = ("alpha", "dropout", "lr", "weight_decay", "max_grad_norm")
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class FineTuneConfig:
     runs_dir: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_kinds()
         checks = [
             (
                 self.backend in ("runlora", "peft"),
@@ -105,6 +124,41 @@ class FineTuneConfig:
             )
             object.__setattr__(self, "sample_prompts", prompts)
 
+    def _check_kinds(self) -> None:
+        """Numbers where numbers belong: ints (an integral float such as 2.0 becomes 2) and floats.
+
+        Raises:
+            ValueError: a numeric field holds text, a bool or a fractional value for an int field; the message
+                names the field, the value and the type expected.
+        """
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if name == "r":  # the rank keeps its own message below; only 2.0 -> 2 here
+                if isinstance(value, float) and value.is_integer():
+                    object.__setattr__(self, name, int(value))
+                continue
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, int(value))
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"FineTuneConfig: {name} must be an integer, got {value!r} ({type(value).__name__}); "
+                    f"write a whole number such as {name}: {getattr(FineTuneConfig, name)}"
+                )
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "max_grad_norm":  # None: no clipping
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(
+                    f"FineTuneConfig: {name} must be a number, got {value!r} ({type(value).__name__}); "
+                    f"write e.g. {name}: {getattr(FineTuneConfig, name)!r}"
+                )
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                "FineTuneConfig: gradient_checkpointing must be true or false, got "
+                f"{self.gradient_checkpointing!r} ({type(self.gradient_checkpointing).__name__})"
+            )
+
     def _check_positions(self) -> None:
         """Refuse a ``seq_len`` beyond the model's positions, read from its config without building it."""
         from ..assets.zoo import max_positions
@@ -126,20 +180,19 @@ def with_backend(config: FineTuneConfig, backend: str) -> FineTuneConfig:
     return replace(config, backend=backend)
 
 
-def load_config(path: str | os.PathLike, **overrides: Any) -> FineTuneConfig:
-    """A :class:`FineTuneConfig` from a YAML (or JSON) mapping of its fields, e.g. ``run.yaml``.
+def config_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields a YAML (or JSON) run config sets, numbers written as text already parsed.
 
     Args:
-        path: a YAML file such as ``{model: tiny-llama, steps: 40, r: 8, lr: 3.0e-3}``; fields it leaves out
-            keep their defaults.
-        **overrides: fields that replace the file's (the CLI's ``--runs-dir`` / ``--out``).
+        path: a YAML file such as ``{model: tiny-llama, steps: 40, r: 8, lr: 3e-3}``.
 
     Returns:
-        The validated config.
+        ``{field: value}`` for the fields the file names (the others are left out, so callers can tell
+        "not given" from "given the default").
 
     Raises:
         ValueError: the file is missing, is not a mapping, or names an unknown field (the message lists the
-            valid ones); a field's value is invalid (``FineTuneConfig``'s own checks).
+            valid ones).
     """
     import yaml
 
@@ -163,11 +216,54 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> FineTuneConfig:
         raise ValueError(
             f"load_config: {path} has unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}"
         )
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    return {k: _number(k, v) for k, v in data.items()}
+
+
+def _number(name: str, value: Any) -> Any:
+    """``value`` parsed as a number when ``name`` is a numeric field and it is text that parses as one.
+
+    PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a string; text that does not parse is returned as is
+    so that FineTuneConfig's check names the field, the value and the expected type.
+    """
+    if not isinstance(value, str) or name not in INT_FIELDS + FLOAT_FIELDS:
+        return value
+    try:
+        return int(value.strip()) if name in INT_FIELDS else float(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)  # "2.0" for an int field: __post_init__ accepts an integral float, refuses 2.5
+    except ValueError:
+        return value
+
+
+def config_from_fields(data: dict[str, Any], where: str = "load_config") -> FineTuneConfig:
+    """A :class:`FineTuneConfig` from a mapping of fields, a TypeError turned into a ValueError naming ``where``."""
     try:
         return FineTuneConfig(**data)
     except TypeError as exc:  # a value of the wrong kind deep in a check
-        raise ValueError(f"load_config: {path}: {exc}") from None
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> FineTuneConfig:
+    """A :class:`FineTuneConfig` from a YAML (or JSON) mapping of its fields, e.g. ``run.yaml``.
+
+    Args:
+        path: a YAML file such as ``{model: tiny-llama, steps: 40, r: 8, lr: 3e-3}``; fields it leaves out
+            keep their defaults. Numbers written as text (YAML reads ``3e-4`` as a string) are parsed.
+        **overrides: fields that replace the file's (the CLI's ``--runs-dir`` / ``--out``); None: keep the file's.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: the file is missing, is not a mapping, or names an unknown field (the message lists the
+            valid ones); a field's value is invalid, e.g. ``lr: fast`` (the message names the field, the value
+            and the expected type).
+    """
+    data = config_fields(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_fields(data, f"load_config: {Path(path).expanduser()}")
 
 
 def save_config(config: FineTuneConfig, path: str | os.PathLike) -> Path:

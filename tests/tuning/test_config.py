@@ -65,3 +65,47 @@ def test_yaml_config_round_trips_and_names_bad_fields(tmp_path):
         load_config(tmp_path / "badlr.yaml")
     with pytest.raises(ValueError, match="is not a file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_numbers_written_as_text_are_parsed(tmp_path):
+    from runlora_nb.tuning.config import load_config
+
+    # PyYAML (YAML 1.1) reads 3e-4 without a dot as the string '3e-4'
+    (tmp_path / "run.yaml").write_text("model: tiny-llama\nlr: 3e-4\nweight_decay: 1e-2\nsteps: '5'\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.lr == 3e-4 and cfg.weight_decay == 1e-2 and cfg.steps == 5 and isinstance(cfg.steps, int)
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "kind"),
+    [
+        ("lr: fast", "lr", "a number"),
+        ("alpha: [1]", "alpha", "a number"),
+        ("steps: many", "steps", "an integer"),
+    ],
+)
+def test_yaml_bad_numbers_name_the_field_value_and_type(tmp_path, line, field, kind):
+    from runlora_nb.tuning.config import load_config
+
+    (tmp_path / "run.yaml").write_text(f"model: tiny-llama\n{line}\n")
+    with pytest.raises(ValueError, match=rf"{field} must be {kind}, got .* \((str|list)\)"):
+        load_config(tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("field", ["steps", "batch_size", "seq_len", "eval_interval", "checkpoint_every"])
+def test_integer_fields_refuse_fractions(field):
+    with pytest.raises(ValueError, match=rf"{field} must be an integer, got 40.5 \(float\)"):
+        FineTuneConfig(model="tiny-llama", **{field: 40.5})
+    cfg = FineTuneConfig(model="tiny-llama", **{field: 40.0})  # an integral float is that integer
+    assert getattr(cfg, field) == 40 and isinstance(getattr(cfg, field), int)
+
+
+def test_yaml_fractional_steps_are_refused(tmp_path):
+    from runlora_nb.tuning.config import load_config
+
+    (tmp_path / "run.yaml").write_text("model: tiny-llama\nsteps: 2.5\n")
+    with pytest.raises(ValueError, match=r"steps must be an integer, got 2.5"):
+        load_config(tmp_path / "run.yaml")
+    (tmp_path / "run.yaml").write_text("model: tiny-llama\nsteps: 2.0\nr: 4.0\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.steps, cfg.r) == (2, 4) and isinstance(cfg.steps, int) and isinstance(cfg.r, int)
