@@ -14,7 +14,17 @@ import argparse
 import json
 from pathlib import Path
 
+from ..tuning.config import FineTuneConfig
+from .argtypes import dropout, nonneg_int, positive_float, positive_int
+
 __all__ = ["add_parsers", "handlers"]
+
+# --flag dest -> FineTuneConfig field, for the flags whose names differ from the field's
+_FIELD_OF = {"rank": "r", "batch": "batch_size", "seq": "seq_len", "out": "output_dir"}
+_CONFIG_FLAGS = (
+    "model", "dataset", "steps", "rank", "alpha", "lr", "dropout", "dtype", "batch", "seq", "backend", "chain",
+    "eval_interval", "checkpoint_every", "seed", "runs_dir", "out",
+)  # fmt: skip
 
 
 def add_parsers(sub) -> None:
@@ -25,23 +35,31 @@ def add_parsers(sub) -> None:
         "--config",
         type=Path,
         metavar="RUN.yaml",
-        help="a YAML of FineTuneConfig fields; it replaces the other config flags (--runs-dir and --out still apply)",
+        help="a YAML of FineTuneConfig fields; flags given on the command line override the YAML's values",
     )
-    train.add_argument("--model", default="tiny-llama", help="zoo name or local folder (default tiny-llama)")
-    train.add_argument("--dataset", default="sonnets")
-    train.add_argument("--steps", type=int, default=40)
-    train.add_argument("--rank", "-r", type=int, default=8)
-    train.add_argument("--alpha", type=float, default=None, help="default 2·rank")
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--dropout", type=float, default=0.05)
-    train.add_argument("--dtype", default="fp32")
-    train.add_argument("--batch", type=int, default=4)
-    train.add_argument("--seq", type=int, default=128)
-    train.add_argument("--backend", default="runlora", choices=["runlora", "peft"])
-    train.add_argument("--chain", default="auto", choices=["auto", "flops", "timed"])
-    train.add_argument("--eval-interval", type=int, default=10)
-    train.add_argument("--checkpoint-every", type=int, default=20)
-    train.add_argument("--seed", type=int, default=0)
+    # Config flags default to None ("not given"), so that with --config only the flags typed override the
+    # YAML; the defaults shown are FineTuneConfig's, the one place they are defined.
+    d = FineTuneConfig()
+
+    def flag(*names: str, field: str, kind=None, text: str = "", **kw) -> None:
+        shown = "2·rank" if field == "alpha" else getattr(d, field)
+        train.add_argument(*names, type=kind, default=None, help=f"{text}(default {shown})", **kw)
+
+    flag("--model", field="model", text="zoo name or local folder ")
+    flag("--dataset", field="dataset")
+    flag("--steps", field="steps", kind=positive_int)
+    flag("--rank", "-r", field="r", kind=positive_int)
+    flag("--alpha", field="alpha", kind=positive_float)
+    flag("--lr", field="lr", kind=positive_float)
+    flag("--dropout", field="dropout", kind=dropout)
+    flag("--dtype", field="dtype")
+    flag("--batch", field="batch_size", kind=positive_int)
+    flag("--seq", field="seq_len", kind=positive_int)
+    flag("--backend", field="backend", choices=["runlora", "peft"])
+    flag("--chain", field="chain", choices=["auto", "flops", "timed"])
+    flag("--eval-interval", field="eval_interval", kind=nonneg_int)
+    flag("--checkpoint-every", field="checkpoint_every", kind=nonneg_int)
+    flag("--seed", field="seed", kind=int)
     train.add_argument("--no-samples", action="store_true", help="skip the before/after generations")
     train.add_argument("--runs-dir", default=None, help="ledger root (default $RUNLORA_NB_RUNS or the cache)")
     train.add_argument("--out", default=None, help="adapter folder (default: the run folder's adapter/)")
@@ -71,39 +89,41 @@ def add_parsers(sub) -> None:
             )
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ..tuning import FineTuneConfig, FineTuner, PrintProgress
-    from ..tuning.config import load_config
+def train_config(args: argparse.Namespace) -> FineTuneConfig:
+    """The run's config: FineTuneConfig's defaults, then the ``--config`` YAML, then the flags given.
 
-    progress = [PrintProgress(every=max(args.steps // 8, 1))]
+    A flag given on the command line overrides the YAML's value; one not given leaves it (or the default).
+    ``--alpha`` not given and not in the YAML is 2·rank.
+
+    Raises:
+        ValueError: the YAML is unreadable or names an unknown field, or a value is invalid.
+    """
+    from ..tuning.config import config_fields, config_from_fields
+
+    data = config_fields(args.config) if args.config is not None else {}
+    for dest in _CONFIG_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            data[_FIELD_OF.get(dest, dest)] = value
+    if args.no_samples:
+        data["sample_prompts"] = ()
+    if "alpha" not in data:
+        data["alpha"] = 2 * data.get("r", FineTuneConfig.r)
+    return config_from_fields(data, f"train --config {args.config}" if args.config is not None else "train")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..tuning import FineTuner, PrintProgress
+
     if args.resume:
-        tuner = FineTuner.resume(args.resume, progress, runs_dir=args.runs_dir)
-        print(f"resuming run {tuner.run_dir.name} from step {tuner._resume_state['step']}")
-    elif args.config is not None:
-        cfg = load_config(args.config, runs_dir=args.runs_dir, output_dir=args.out)
-        tuner = FineTuner(cfg, [PrintProgress(every=max(cfg.steps // 8, 1))])
-    else:
-        cfg = FineTuneConfig(
-            model=args.model,
-            dataset=args.dataset,
-            steps=args.steps,
-            r=args.rank,
-            alpha=args.alpha if args.alpha is not None else 2 * args.rank,
-            lr=args.lr,
-            dropout=args.dropout,
-            dtype=args.dtype,
-            batch_size=args.batch,
-            seq_len=args.seq,
-            backend=args.backend,
-            chain=args.chain,
-            eval_interval=args.eval_interval,
-            checkpoint_every=args.checkpoint_every,
-            seed=args.seed,
-            sample_prompts=() if args.no_samples else FineTuneConfig.sample_prompts,
-            runs_dir=args.runs_dir,
-            output_dir=args.out,
+        steps = args.steps or FineTuneConfig.steps
+        tuner = FineTuner.resume(
+            args.resume, [PrintProgress(every=max(steps // 8, 1))], runs_dir=args.runs_dir
         )
-        tuner = FineTuner(cfg, progress)
+        print(f"resuming run {tuner.run_dir.name} from step {tuner._resume_state['step']}")
+    else:
+        cfg = train_config(args)
+        tuner = FineTuner(cfg, [PrintProgress(every=max(cfg.steps // 8, 1))])
     result = tuner.run()
     print(f"run {tuner.run_dir.name if tuner.run_dir else '-'}: {tuner.run_dir}")
     return 3 if result.end is not None and result.end.diverged else 0

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["FineTuneConfig", "config_fields", "load_config", "save_config", "with_backend"]
+__all__ = ["DEFAULT_MODEL", "FineTuneConfig", "config_fields", "load_config", "save_config", "with_backend"]
 
+# The one default model of every entry point (the dataclass, ``runlora-nb train`` with or without --config):
+# the zoo's tiny-llama builds in memory, offline, in seconds.
+DEFAULT_MODEL = "tiny-llama"
 # Numeric fields by kind: YAML 1.1 reads ``3e-4`` (no dot) as a string, so load_config coerces text that
 # parses as a number, and __post_init__ checks the kinds so a bad value names its field instead of failing
 # in a comparison later.
@@ -33,7 +36,7 @@ class FineTuneConfig:
     """Everything a fine-tuning run depends on.
 
     Attributes:
-        model: zoo name (``smollm2-135m``, ``tiny-llama``, …) or a local folder.
+        model: zoo name (``tiny-llama``, the default, ``smollm2-135m``, …) or a local folder.
         dataset: dataset name (``sonnets``, ``chatterbot``, …) or a .txt / .jsonl file.
         task: ``"causal-lm"``, ``"instruction"`` or ``"classification"``; None: the dataset's default.
         r: LoRA rank.
@@ -65,7 +68,7 @@ class FineTuneConfig:
         runs_dir: root of the run ledger (default ``$RUNLORA_NB_RUNS``, else the cache's ``runs/``).
     """
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     dataset: str = "sonnets"
     task: str | None = None
     r: int = 8

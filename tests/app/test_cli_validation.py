@@ -1,0 +1,47 @@
+"""``runlora-nb`` input validation: flags against a YAML config, and arguments refused with one clean line."""
+
+from __future__ import annotations
+
+import pytest
+
+from runlora_nb.app import runs_cli
+from runlora_nb.app.cli import _parser, main
+from runlora_nb.tuning import FineTuneConfig
+
+
+def _train_config(*argv: str) -> FineTuneConfig:
+    return runs_cli.train_config(_parser().parse_args(["train", *argv]))
+
+
+def test_flags_given_on_the_command_line_override_the_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: tiny-gpt2\nsteps: 7\nr: 4\nalpha: 12\nlr: 3e-3\nseq_len: 32\n")
+    cfg = _train_config("--config", str(tmp_path / "run.yaml"), "--steps", "3", "--lr", "1e-2", "--seq", "64")
+    assert (cfg.model, cfg.steps, cfg.lr, cfg.seq_len) == ("tiny-gpt2", 3, 1e-2, 64)  # flags win
+    assert (cfg.r, cfg.alpha) == (4, 12)  # the YAML's values where no flag was given
+    cfg = _train_config("--config", str(tmp_path / "run.yaml"), "--rank", "2", "--no-samples")
+    assert (cfg.r, cfg.alpha, cfg.sample_prompts) == (2, 12, ())
+    (tmp_path / "bare.yaml").write_text("steps: 5\n")
+    cfg = _train_config("--config", str(tmp_path / "bare.yaml"), "--rank", "4")
+    assert (cfg.r, cfg.alpha) == (4, 8)  # alpha given nowhere: 2·rank, as without --config
+
+
+def test_one_default_model_with_and_without_a_yaml(tmp_path):
+    (tmp_path / "run.yaml").write_text("steps: 5\n")
+    from_yaml = _train_config("--config", str(tmp_path / "run.yaml"))
+    from_flags = _train_config()
+    assert from_yaml.model == from_flags.model == FineTuneConfig().model
+    assert from_flags == FineTuneConfig(sample_prompts=FineTuneConfig.sample_prompts)  # defaults agree too
+
+
+def test_train_help_says_flags_override_the_yaml(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "flags given on the command line override the YAML" in text
+    assert f"(default {FineTuneConfig().model})" in text
+
+
+@pytest.mark.parametrize("value", ["2.5", "two"])
+def test_fractional_steps_on_the_command_line_are_refused(value, capsys):
+    assert main(["train", "--steps", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runlora-nb: error: argument --steps") and "expected an integer" in err
