@@ -157,7 +157,8 @@ def find_targets(
         and randomly initialised — in the same sequence as PEFT's).
 
     Raises:
-        ValueError: nothing matches (the message lists the linear layers that exist).
+        ValueError: nothing matches, or a name of a ``target_modules`` list matches no linear layer (the
+            message lists the linear layers that exist).
     """
     linear = [name for name, mod in model.named_modules() if name and is_supported_base(mod)]
     linear = [n for n in linear if ".lora_A" not in n and ".lora_B" not in n and ".base_layer" not in n]
@@ -175,7 +176,27 @@ def find_targets(
             f"apply_runlora: target_modules={target_modules!r} matches no linear layer of {type(model).__name__}; "
             f"its linear layers are named {leaves}"
         )
+    if target_modules is not None and not isinstance(target_modules, str):
+        _refuse_unknown_names(model, target_modules, linear)
     return found
+
+
+def _refuse_unknown_names(model: nn.Module, targets: Sequence[str], linear: Sequence[str]) -> None:
+    """Refuse names of a target list that match no linear layer.
+
+    PEFT adapts the names that match and drops the others silently, so a typo (``q_prj``) trains fewer
+    layers than asked for; here each name must match a layer (an exact path or a path's last components).
+
+    Raises:
+        ValueError: names that match nothing, with the linear layer names the model has.
+    """
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in linear)]
+    if unknown:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"apply_runlora: target_modules name(s) {unknown} match no linear layer of {type(model).__name__}; "
+            f"its linear layers are named {leaves} (or pass 'all-linear' or a regex)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -253,6 +253,12 @@ class FineTuner:
             )
         import peft
 
+        from ..integrations.inject import find_targets
+
+        if isinstance(
+            targets, list
+        ):  # PEFT drops names that match nothing; refuse them as apply_runlora does
+            find_targets(model, targets)
         if cfg.quantization:
             from ..core.quant import guard_cpu_repack
 

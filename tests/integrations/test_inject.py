@@ -86,6 +86,31 @@ def test_target_rules_follow_peft():
         find_targets(model, ["query"])
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "nope"], ("nope", "v_proj", "q_prj")])
+def test_unknown_target_names_are_refused_with_the_valid_ones(targets):
+    model, _ = tiny("tiny-llama")
+    unknown = [t for t in targets if t not in ("q_proj", "v_proj")]
+    with pytest.raises(
+        ValueError, match=r"apply_runlora: target_modules name\(s\) (.+) match no linear layer"
+    ) as exc:
+        apply_runlora(model, r=4, target_modules=targets)
+    msg = str(exc.value)
+    assert str(unknown) in msg and "'q_proj'" in msg and "'down_proj'" in msg
+    assert not list(runlora_layers(model))  # nothing was wrapped
+    apply_runlora(model, r=4, target_modules=["q_proj", "model.layers.0.mlp.up_proj"])  # paths and leaves
+    assert len(list(runlora_layers(model))) == 3
+
+
+def test_finetune_config_unknown_targets_are_refused_on_both_backends(tmp_path):
+    from runlora_nb.tuning import FineTuneConfig, FineTuner
+
+    for backend in ("runlora", "peft"):
+        cfg = FineTuneConfig(model="tiny-llama", backend=backend, targets=["q_proj", "nope"], steps=1, seq_len=16,
+                             sample_prompts=(), runs_dir=str(tmp_path))  # fmt: skip
+        with pytest.raises(ValueError, match=r"\['nope'\] match no linear layer"):
+            FineTuner(cfg).run()
+
+
 def test_sequence_classification_keeps_the_head_trainable():
     model, _tok = tiny("tiny-roberta", task="sequence-classification")
     apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
