@@ -27,6 +27,7 @@ __all__ = [
     "RunLoRAConfig",
     "TrainableParams",
     "apply_runlora",
+    "check_rank",
     "find_targets",
     "from_peft",
     "get_peft_model",
@@ -238,7 +239,7 @@ def apply_runlora(
         The same model, with ``model.runlora_config`` describing the adapters.
 
     Raises:
-        ValueError: bad r / alpha / dropout / chain, nothing matched, a ``modules_to_save`` name matches no
+        ValueError: bad r / alpha / dropout / chain, r above min(in, out) of every target, nothing matched, a ``modules_to_save`` name matches no
             module, or the model already has adapters. Nothing is changed when it raises.
         TypeError: ``modules_to_save`` is not a list of names.
     """
@@ -258,6 +259,7 @@ def apply_runlora(
     saved_heads = saved_module_paths(model, modules_to_save) if modules_to_save else []
     targets = find_targets(model, target_modules, exclude_modules, task)
     targets = [t for t in targets if not any(t == h or t.startswith(f"{h}.") for h in saved_heads)]
+    check_rank(model, targets, r, adapter_dtype)
     quant.guard_cpu_repack(model)
     with unchanged_on_error(model):  # validated above; a failure past here still leaves the model as it was
         conv1d = _inject(
@@ -285,6 +287,47 @@ def apply_runlora(
     if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad (as PEFT does)
     return model
+
+
+def check_rank(
+    model: nn.Module, targets: Sequence[str], r: int, adapter_dtype: torch.dtype | None = None
+) -> None:
+    """Refuse a rank that no targeted layer can use, before any adapter is allocated.
+
+    An update of a layer cannot have a rank above ``min(in_features, out_features)``; a rank above that for
+    some layers only costs memory (the layer warns once), but above it for every target the adapters are all
+    waste and usually a typo (``r=100000``) that would allocate gigabytes.
+
+    Args:
+        model: the model.
+        targets: module paths to adapt (:func:`find_targets`).
+        r: the rank.
+        adapter_dtype: adapter dtype (default: PEFT's rule per base layer), for the size in the message.
+
+    Raises:
+        ValueError: ``r`` exceeds ``min(in_features, out_features)`` of every target; the message gives the
+            largest usable rank and what the adapters would cost.
+    """
+    if not isinstance(r, int) or isinstance(r, bool) or not targets:
+        return  # RunLoRALinear names a bad rank itself
+    from ..nn.layer import default_adapter_dtype
+
+    infos = [(path, describe_base(model.get_submodule(path), path)) for path in targets]
+    caps = {path: min(info.in_features, info.out_features) for path, info in infos}
+    widest = max(caps, key=caps.get)
+    if r <= caps[widest]:
+        return
+    size = sum(
+        r
+        * (info.in_features + info.out_features)
+        * (adapter_dtype or default_adapter_dtype(info.dtype)).itemsize
+        for _, info in infos
+    )
+    raise ValueError(
+        f"apply_runlora: r={r} exceeds min(in_features, out_features) of every targeted layer (the largest is "
+        f"{caps[widest]}, {widest}); the {len(targets)} adapters would take {size / 2**30:.2f} GiB for no rank "
+        f"beyond {caps[widest]}; use r <= {caps[widest]}"
+    )
 
 
 def _inject(model, targets, r, alpha, dropout, chain, use_rslora, adapter_dtype, init_lora_weights) -> bool:

@@ -253,12 +253,10 @@ class FineTuner:
             )
         import peft
 
-        from ..integrations.inject import find_targets
+        from ..integrations.inject import check_rank, find_targets
 
-        if isinstance(
-            targets, list
-        ):  # PEFT drops names that match nothing; refuse them as apply_runlora does
-            find_targets(model, targets)
+        # PEFT drops target names that match nothing and allocates any rank: refuse both as apply_runlora does
+        check_rank(model, find_targets(model, targets), cfg.r)
         if cfg.quantization:
             from ..core.quant import guard_cpu_repack
 

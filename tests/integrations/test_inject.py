@@ -111,6 +111,36 @@ def test_finetune_config_unknown_targets_are_refused_on_both_backends(tmp_path):
             FineTuner(cfg).run()
 
 
+def test_a_rank_no_target_can_use_is_refused_before_allocating(monkeypatch):
+    from runlora_nb.nn import layer as layer_module
+
+    model, _ = tiny("tiny-llama")  # every linear layer has min(in, out) = 128
+    with pytest.raises(
+        ValueError, match=r"r=100000 exceeds min\(in_features, out_features\) of every"
+    ) as exc:
+        apply_runlora(model, r=100000, target_modules="all-linear")
+    assert "1.62 GiB" in str(exc.value) and "use r <= 128" in str(exc.value)
+    assert not list(runlora_layers(model))
+    # above some layers' min(in, out) but not all: allowed (the layer warns once, as PEFT allows it)
+    monkeypatch.setattr(layer_module, "_RANK_WARNED", set())
+    mixed = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match="exceeds min"):
+        apply_runlora(mixed, r=16, target_modules=["0", "1"])
+    with pytest.raises(ValueError, match=r"largest is 32, 1\).*use r <= 32"):
+        apply_runlora(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(64, 32)), r=33,
+                      target_modules=["0", "1"])  # fmt: skip
+
+
+def test_finetune_config_rank_above_every_target_is_refused_on_both_backends(tmp_path):
+    from runlora_nb.tuning import FineTuneConfig, FineTuner
+
+    for backend in ("runlora", "peft"):
+        cfg = FineTuneConfig(model="tiny-llama", backend=backend, r=100000, steps=1, seq_len=16,
+                             sample_prompts=(), runs_dir=str(tmp_path))  # fmt: skip
+        with pytest.raises(ValueError, match=r"r=100000 exceeds .* GiB"):
+            FineTuner(cfg).run()
+
+
 def test_sequence_classification_keeps_the_head_trainable():
     model, _tok = tiny("tiny-roberta", task="sequence-classification")
     apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
