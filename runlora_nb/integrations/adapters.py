@@ -250,7 +250,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 use_rslora=cfg["use_rslora"],
             )
         expected = _expected(model)
-        problems = _compare(expected, tensors, cfg["r"])
+        problems = _compare(expected, tensors)
         if problems:
             shown = "\n  ".join(problems[:12]) + (
                 f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else ""
@@ -266,7 +266,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return outer
 
 
-def _compare(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], r: int) -> list[str]:
+def _compare(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
     problems = []
     for key in sorted(expected.keys() - tensors.keys()):
         problems.append(f"missing in file: {key}")
@@ -275,17 +275,31 @@ def _compare(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
     for key in sorted(expected.keys() & tensors.keys()):
         want, got = tuple(expected[key].shape), tuple(tensors[key].shape)
         if want != got:
-            module = key.removeprefix(PREFIX).rsplit(".", 2)[0]
-            model_r = want[0] if key.endswith("lora_A.weight") else want[-1]
-            detail = (
-                f" (file has r={r}, model has r={model_r})"
-                if key.endswith(("lora_A.weight", "lora_B.weight"))
-                else ""
-            )
+            module, which = key.removeprefix(PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[-2]
             problems.append(
-                f"{module}: {key.rsplit('.', 2)[-2]} shape {got} in file, {want} in model{detail}"
+                f"{module}: {which} shape {got} in file, {want} in model{_shape_detail(key, got, want)}"
             )
     return problems
+
+
+def _shape_detail(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """What differs between a saved and an expected LoRA tensor: the rank, or the layer's width.
+
+    ``lora_A`` is (r, in_features) and ``lora_B`` (out_features, r); naming only the ranks would read
+    "file has r=16, model has r=16" when it is the layer's width that differs (an adapter of another model).
+    """
+    if len(got) != 2 or len(want) != 2 or not key.endswith(("lora_A.weight", "lora_B.weight")):
+        return ""
+    is_a = key.endswith("lora_A.weight")
+    file_r, model_r = (got[0], want[0]) if is_a else (got[1], want[1])
+    if file_r != model_r:
+        return f" (file has r={file_r}, model has r={model_r})"
+    dim = "in_features" if is_a else "out_features"
+    width_file, width_model = (got[1], want[1]) if is_a else (got[0], want[0])
+    return (
+        f" (same r={model_r}; the layer's {dim} is {width_file} in file, {width_model} in model: an adapter "
+        "saved from another model?)"
+    )
 
 
 def _sync_scaling(model: nn.Module, cfg: dict) -> None:

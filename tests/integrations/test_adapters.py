@@ -154,6 +154,18 @@ def test_wrong_rank_is_reported(tmp_path):
     _assert_unchanged(target, snap)
 
 
+def test_a_width_mismatch_names_the_tensor_and_the_widths_not_equal_ranks(tmp_path):
+    save_adapter(trained(), tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _tamper(tmp_path, lambda t: t.update({key: torch.zeros(4, 129)}))
+    with pytest.raises(AdapterError) as exc:
+        load_adapter(trained(), tmp_path)
+    msg = str(exc.value)
+    assert "model.layers.0.self_attn.q_proj: lora_A shape (4, 129) in file, (4, 128) in model" in msg
+    assert "same r=4; the layer's in_features is 129 in file, 128 in model" in msg
+    assert "file has r=" not in msg  # the ranks agree: saying "r=4 vs r=4" explained nothing
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_or_truncated_file(tmp_path, damage):
     save_adapter(trained(), tmp_path)
