@@ -52,7 +52,7 @@ def normalise_record(obj: Any, where: str) -> dict[str, str]:
     """Map one JSONL object to ``{"text"}`` or ``{"prompt", "response", "category"}``.
 
     Raises:
-        ValueError: not an object, or none of the accepted schemas.
+        ValueError: not an object, a schema key whose value is not a string, or none of the accepted schemas.
     """
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
@@ -65,6 +65,11 @@ def normalise_record(obj: Any, where: str) -> dict[str, str]:
         extra = obj.get("input") or ""
         prompt = obj["instruction"] + (f"\n\n{extra}" if extra else "")
         return {"category": category, "prompt": prompt, "response": obj["output"]}
+    wrong = [k for k in ("text", "prompt", "response", "instruction", "output") if k in obj]
+    wrong = [k for k in wrong if not isinstance(obj[k], str)]
+    if wrong:  # the keys are right; a value is of the wrong type (e.g. {"text": 5})
+        shown = ", ".join(f"{k!r} is {type(obj[k]).__name__} {obj[k]!r}"[:120] for k in wrong)
+        raise ValueError(f"{where}: {shown}; the value must be a string (quote it in the JSON).")
     raise ValueError(
         f"{where}: keys {sorted(obj)} match no schema; use {{'text'}}, {{'prompt', 'response'}} or "
         "{'instruction', 'output'} (optional 'input', 'category')."

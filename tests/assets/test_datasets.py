@@ -291,6 +291,20 @@ def test_bad_files_give_one_clear_error_each(tmp_path):
         datasets.load_conversations(_write(tmp_path / "keys.jsonl", '{"question": "?"}\n'))
 
 
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ('{"text": 5}', "'text' is int 5"),
+        ('{"prompt": "hi", "response": null}', "'response' is NoneType None"),
+    ],
+)
+def test_a_schema_key_with_a_non_string_value_says_the_type_is_wrong(tmp_path, line, shown):
+    with pytest.raises(ValueError, match="the value must be a string") as exc:
+        datasets.load_text(_write(tmp_path / "rows.jsonl", '{"text": "ok"}\n' + line + "\n"))
+    assert "rows.jsonl:2" in str(exc.value) and shown in str(exc.value)
+    assert "match no schema" not in str(exc.value)  # the keys were right
+
+
 def test_unreadable_file(tmp_path, monkeypatch):
     path = _write(tmp_path / "secret.txt", "hidden")
 
