@@ -66,7 +66,10 @@ def _memory(args: argparse.Namespace) -> int:
     from ..assets.zoo import load_model
     from ..measure.memory_ledger import MemoryLedger
 
+    from ..assets.loading import check_positions
+
     model, _ = load_model(args.model)
+    check_positions(model.config, args.seq, repr(args.model), "memory --seq")
     ledger = MemoryLedger(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout)
     pred = ledger.predict(args.batch, args.seq)
     cols = ["weights_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",

@@ -140,6 +140,22 @@ class MemoryLedger:
         )
 
     # ------------------------------------------------------------------------------------------ pieces
+    def _check_shape(self, batch: int, seq: int) -> None:
+        """Refuse a batch or seq that is not a positive int, and a seq beyond the model's positions.
+
+        A prediction past the positions would describe a run that cannot happen (learned positions index out
+        of range; rotary ones extrapolate past what the model was built for).
+        """
+        for name, v in (("batch", batch), ("seq", seq)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"MemoryLedger: {name} must be a positive int, got {v!r}")
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            from ..assets.loading import check_positions
+
+            name = getattr(config, "_name_or_path", None) or type(self.model).__name__
+            check_positions(config, seq, repr(name), "MemoryLedger")
+
     def variant(self, backend: str) -> nn.Module:
         """The model copy with ``backend``'s adapters (made once)."""
         if backend not in self._variants:
@@ -193,7 +209,7 @@ class MemoryLedger:
             temporaries_bytes, process_bytes, total_bytes (a lower bound, see the module docstring),
             fit_residual.
         """
-        _check_shape(batch, seq)
+        self._check_shape(batch, seq)
         vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 0)
         weights = self._weights_bytes()
         rows = []
@@ -222,7 +238,7 @@ class MemoryLedger:
 
     def per_block(self, batch: int, seq: int, backend: str) -> pd.DataFrame:
         """Predicted and measured activation bytes per transformer block (where PEFT and runlora_nb differ)."""
-        _check_shape(batch, seq)
+        self._check_shape(batch, seq)
         predicted = self._fit(backend).predict(batch, seq)
         measured, _ = self._saved_by_block(backend, batch, seq)
         blocks = sorted(set(predicted) | set(measured))
@@ -243,7 +259,7 @@ class MemoryLedger:
             step_peak_bytes (a separate forward + backward without hooks: its peak above the memory held before
             it, from the OS or the CUDA allocator; see :meth:`step_peak`).
         """
-        _check_shape(batch, seq)
+        self._check_shape(batch, seq)
         rows = []
         for backend in self.backends:
             m = self.variant(backend)
@@ -281,7 +297,7 @@ class MemoryLedger:
         the allocator's peak minus what was allocated before. Independent of ``saved_tensors_hooks``: it counts
         backward's transients and the allocator's slack too. The adapters' gradients are included.
         """
-        _check_shape(batch, seq)
+        self._check_shape(batch, seq)
         m = self.variant(backend)
         cuda = any(p.is_cuda for p in m.parameters())
         data = random_batch(m, batch, seq)
@@ -349,7 +365,7 @@ class MemoryLedger:
         Raises:
             ValueError: a budget <= 0, an unknown backend, a bad ``seq``.
         """
-        _check_shape(1, seq)
+        self._check_shape(1, seq)
         if budget_bytes <= 0:
             raise ValueError(f"MemoryLedger.largest_batch: budget_bytes must be > 0, got {budget_bytes}")
         if backend not in self.backends:
@@ -433,9 +449,3 @@ class MemoryLedger:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if total(mid) <= budget_bytes else (lo, mid)
         return lo
-
-
-def _check_shape(batch: int, seq: int) -> None:
-    for name, v in (("batch", batch), ("seq", seq)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"MemoryLedger: {name} must be a positive int, got {v!r}")

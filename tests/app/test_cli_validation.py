@@ -45,3 +45,10 @@ def test_fractional_steps_on_the_command_line_are_refused(value, capsys):
     assert main(["train", "--steps", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith("runlora-nb: error: argument --steps") and "expected an integer" in err
+
+
+def test_memory_refuses_a_sequence_past_the_positions(capsys):
+    assert main(["memory", "--model", "tiny-llama", "--seq", "100000", "--no-measure"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("runlora-nb: error: memory --seq: seq_len=100000 exceeds the 512 positions")
+    assert "'tiny-llama' (max_position_embeddings in its config)" in err and "Traceback" not in err

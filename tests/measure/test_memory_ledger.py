@@ -95,3 +95,14 @@ def test_block_of_and_bad_input():
         ledger.predict(0, 64)
     with pytest.raises(ValueError, match="budget_bytes must be > 0"):
         ledger.largest_batch(0, 64, "runlora")
+
+
+def test_a_sequence_past_the_positions_is_refused_not_predicted():
+    model, _ = load_model("tiny-llama")  # 512 positions (max_position_embeddings)
+    ledger = MemoryLedger(model, backends=("runlora",))
+    for call in (lambda: ledger.predict(1, 100000), lambda: ledger.largest_batch(2**30, 100000, "runlora")):
+        with pytest.raises(
+            ValueError, match=r"seq_len=100000 exceeds the 512 positions.*max_position_embeddings"
+        ):
+            call()
+    assert len(ledger.predict(1, 512)) == 1  # the limit itself is fine
