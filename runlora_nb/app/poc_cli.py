@@ -23,7 +23,9 @@ def add_parsers(sub) -> None:
     )
     ex.add_argument("--model", required=True, help="zoo name or local model folder (the base)")
     ex.add_argument(
-        "--adapter", required=True, help="the adapter folder (PEFT format, e.g. a run's adapter/)"
+        "--adapter",
+        required=True,
+        help="the adapter folder (PEFT format), or a run folder (RUN_DIR: its adapter/ is used)",
     )
     ex.add_argument("--format", default="merged", choices=FORMATS)
     ex.add_argument(
@@ -63,10 +65,9 @@ def _mib(n) -> str:
 
 
 def _memory(args: argparse.Namespace) -> int:
+    from ..assets.loading import check_positions
     from ..assets.zoo import load_model
     from ..measure.memory_ledger import MemoryLedger
-
-    from ..assets.loading import check_positions
 
     model, _ = load_model(args.model)
     check_positions(model.config, args.seq, repr(args.model), "memory --seq")

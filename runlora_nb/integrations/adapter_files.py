@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 CONFIG_NAME = "adapter_config.json"
+RUN_ADAPTER = "adapter"  # the subfolder of a ledger run folder that holds its adapter
 WEIGHTS_NAME = "adapter_model.safetensors"
 HASH_KEY = (
     "runlora_nb.sha256"  # safetensors metadata: SHA-256 of the data section (the bytes after the header)
@@ -108,7 +109,8 @@ def read_config(directory: Path) -> dict:
         cfg = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise AdapterError(
-            f"load_adapter: {path} is missing; is {directory} a PEFT adapter directory?"
+            f"load_adapter: {path} is missing; is {directory} a PEFT adapter directory? (a training run's "
+            f"adapter is the {RUN_ADAPTER}/ folder inside its run folder, e.g. RUN_DIR/{RUN_ADAPTER})"
         ) from err
     except (OSError, ValueError) as err:
         raise AdapterError(f"load_adapter: {path} is not valid JSON ({err}); re-save the adapter") from err

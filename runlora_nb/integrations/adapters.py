@@ -23,6 +23,7 @@ from torch import nn
 from ..nn.layer import RunLoRALinear
 from .adapter_files import (
     CONFIG_NAME,
+    RUN_ADAPTER,
     UNSUPPORTED,
     WEIGHTS_NAME,
     AdapterError,
@@ -220,7 +221,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Args:
         model: a transformers model, with or without RunLoRA adapters, or a PEFT model; it may be wrapped in
             ``DistributedDataParallel``, ``torch.compile`` or ``Accelerator.prepare`` (every rank loads the file).
-        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``; or a run folder of the
+            ledger, whose ``adapter/`` subfolder is read.
 
     Returns:
         The same model (for a model without adapters, now with them).
@@ -231,6 +233,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             names each file, field or module, and nothing is loaded.
     """
     directory = resolve_folder(Path(directory).expanduser())
+    if not (directory / CONFIG_NAME).exists() and (directory / RUN_ADAPTER).is_dir():
+        # a run folder of the ledger (what `runs list` prints): its adapter is the adapter/ inside
+        directory = resolve_folder(directory / RUN_ADAPTER)
     cfg = read_config(directory)
     tensors = read_tensors(directory)
     outer, model = model, unwrap_model(model)

@@ -52,3 +52,17 @@ def test_memory_refuses_a_sequence_past_the_positions(capsys):
     err = capsys.readouterr().err
     assert err.startswith("runlora-nb: error: memory --seq: seq_len=100000 exceeds the 512 positions")
     assert "'tiny-llama' (max_position_embeddings in its config)" in err and "Traceback" not in err
+
+
+def test_export_accepts_a_run_folder_for_adapter(tmp_path, capsys):
+    from runlora_nb.assets.zoo import load_model
+    from runlora_nb.integrations.adapters import save_adapter
+    from runlora_nb.integrations.inject import apply_runlora
+
+    model, _ = load_model("tiny-llama")
+    save_adapter(apply_runlora(model, r=4, alpha=8), tmp_path / "run" / "adapter")
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "run"), "--format", "peft"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert main(["export", "--help"]) == 0
+    assert "RUN_DIR: its adapter/ is used" in " ".join(capsys.readouterr().out.split())

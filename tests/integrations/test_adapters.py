@@ -166,6 +166,18 @@ def test_a_width_mismatch_names_the_tensor_and_the_widths_not_equal_ranks(tmp_pa
     assert "file has r=" not in msg  # the ranks agree: saying "r=4 vs r=4" explained nothing
 
 
+def test_a_run_folder_loads_its_adapter_subfolder_and_a_wrong_folder_hints_at_it(tmp_path):
+    source = trained()
+    save_adapter(source, tmp_path / "run" / "adapter")
+    loaded = load_adapter(fresh(), tmp_path / "run")  # RUN_DIR, as `runs list` prints it
+    x = data()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, source(**x).logits)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match=r"empty/adapter_config.json is missing.*RUN_DIR/adapter"):
+        load_adapter(fresh(), tmp_path / "empty")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_or_truncated_file(tmp_path, damage):
     save_adapter(trained(), tmp_path)
