@@ -130,10 +130,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..tuning.runs import list_runs
+    from ..tuning.runs import list_runs, runs_root
 
     df = list_runs(args.runs_dir)
-    if df.empty:
+    root = runs_root(args.runs_dir, create=False)
+    if not root.is_dir():
+        print(
+            f"no runs in {root}: the folder does not exist (`runlora-nb train --runs-dir {root}` records one)"
+        )
+    elif df.empty:
         print("no runs yet (`runlora-nb train` records one)")
     else:
         print(df.drop(columns=["path"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from ..common.jsonfiles import finite_or_none, read_json_dict, write_json
-from ..common.paths import atomic_write_text, cache_dir
+from ..common.paths import atomic_write_text, cache_dir, cache_root
 from ..common.sysmem import pid_alive as _pid_alive
 from .config import FineTuneConfig
 from .events import Callback
@@ -60,14 +60,21 @@ _LIBRARIES = ("runlora_nb", "torch", "transformers", "peft", "numpy", "bitsandby
 _ACTIVE: set[str] = set()  # run ids being written by this process (a live kernel keeps its pid)
 
 
-def runs_root(root: str | os.PathLike | None = None) -> Path:
-    """The ledger's root folder (created): ``root``, else ``$RUNLORA_NB_RUNS``, else ``<cache>/runs``."""
+def runs_root(root: str | os.PathLike | None = None, create: bool = True) -> Path:
+    """The ledger's root folder: ``root``, else ``$RUNLORA_NB_RUNS``, else ``<cache>/runs``.
+
+    Args:
+        root: the folder, or None for the defaults above.
+        create: create it (to write a run); False for reading, so that a mistyped ``--runs-dir`` is not
+            left behind as an empty folder.
+    """
     if root is None and os.environ.get("RUNLORA_NB_RUNS"):
         root = os.environ["RUNLORA_NB_RUNS"]
     if root is None:
-        return cache_dir("runs")
+        return cache_dir("runs") if create else cache_root() / "runs"
     path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -458,10 +465,12 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
 
     Returns:
         One row per run: id, status, model, dataset, backend, r, alpha, lr, steps (configured), step
-        (reached), train_loss (last), val_loss (last), started, path.
+        (reached), train_loss (last), val_loss (last), started (UTC, to the second), path. Empty when the
+        root does not exist (it is not created).
     """
     rows = []
-    for path in sorted(runs_root(root).iterdir(), reverse=True):
+    folder = runs_root(root, create=False)
+    for path in sorted(folder.iterdir() if folder.is_dir() else (), reverse=True):
         if not is_run_folder(path):
             continue
         run = load_run(path)
@@ -480,7 +489,7 @@ def list_runs(root: str | os.PathLike | None = None) -> pd.DataFrame:
                 "step": int(run.steps.step.max()) if len(run.steps) else 0,
                 "train_loss": _last(run.steps, "train_loss"),
                 "val_loss": _last(run.evals, "val_loss"),
-                "started": pd.to_datetime(run.state.get("started"), unit="s") if run.state else None,
+                "started": _to_second(run.state.get("started")) if run.state else None,
                 "path": str(run.path),
             }
         )
@@ -512,6 +521,11 @@ def check_not_running(run_id: str | os.PathLike, root: str | os.PathLike | None 
         f"runs: run {run.id} is marked running on {host} (pid {pid}), which this machine cannot check; if that "
         f'process is gone, set "status" to "interrupted" in {run.path / "status.json"}, then resume'
     )
+
+
+def _to_second(started: float | None) -> pd.Timestamp | None:
+    """A start time (epoch seconds) as a timestamp to the second: a table of runs has no use for nanoseconds."""
+    return None if started is None else pd.to_datetime(started, unit="s").floor("s")
 
 
 def remove_run(run_id: str, root: str | os.PathLike | None = None, force: bool = False) -> Path:

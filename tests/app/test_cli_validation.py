@@ -66,3 +66,24 @@ def test_export_accepts_a_run_folder_for_adapter(tmp_path, capsys):
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert main(["export", "--help"]) == 0
     assert "RUN_DIR: its adapter/ is used" in " ".join(capsys.readouterr().out.split())
+
+
+def test_runs_list_of_a_missing_folder_says_so_and_creates_nothing(tmp_path, capsys):
+    from runlora_nb.tuning.runs import list_runs
+
+    missing = tmp_path / "typo"
+    assert main(["runs", "list", "--runs-dir", str(missing)]) == 0
+    assert f"no runs in {missing}: the folder does not exist" in capsys.readouterr().out
+    assert list_runs(missing).empty and not missing.exists()
+
+
+def test_runs_list_prints_the_start_to_the_second(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "20261208-010334-runlora-1a2b3c4d"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"model": "tiny-llama", "r": 4, "steps": 2}}))
+    (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1796691814.123456789}))
+    assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2026-12-08 01:03:34" in out and "01:03:34." not in out
