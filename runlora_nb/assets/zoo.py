@@ -364,6 +364,11 @@ def load_model(
     name = os.fspath(name_or_path)
     if name in _SPECS:
         model, tokenizer = _load_zoo(_SPECS[name], dtype, quantization, task, progress, num_labels)
+        config = getattr(model, "config", None)
+        if config is not None and not getattr(config, "_name_or_path", None):
+            # a model built in memory has no path; the zoo name is what identifies its base in a saved
+            # adapter (PEFT's base_model_name_or_path), and load_model takes it back
+            config._name_or_path = name
     elif Path(name).expanduser().exists():
         model, tokenizer = _load_local(Path(name).expanduser(), dtype, quantization, task, num_labels)
     elif "/" in name and not name.startswith((".", "/", "~")):

@@ -87,3 +87,20 @@ def test_runs_list_prints_the_start_to_the_second(tmp_path, capsys):
     assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2026-12-08 01:03:34" in out and "01:03:34." not in out
+
+
+def test_peft_export_of_a_zoo_model_names_its_base(tmp_path):
+    import json
+
+    from runlora_nb.assets.zoo import load_model
+    from runlora_nb.integrations.adapters import save_adapter
+    from runlora_nb.integrations.inject import apply_runlora
+
+    model, _ = load_model("tiny-llama")
+    save_adapter(apply_runlora(model, r=4, alpha=8), tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny-llama"
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--format", "peft"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    exported = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "tiny-llama"  # load_model("tiny-llama") builds it again
