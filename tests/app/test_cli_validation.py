@@ -82,7 +82,8 @@ def test_runs_list_prints_the_start_to_the_second(tmp_path, capsys):
 
     run = tmp_path / "20261208-010334-runlora-1a2b3c4d"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": {"model": "tiny-llama", "r": 4, "steps": 2}}))
+    config = {"id": run.name, "config": {"model": "tiny-llama", "r": 4, "steps": 2}}
+    (run / "config.json").write_text(json.dumps(config))
     (run / "status.json").write_text(json.dumps({"status": "finished", "started": 1796691814.123456789}))
     assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
