@@ -1,4 +1,4 @@
-"""ChatPanel: A/B chat, a thin view over :class:`runlora_nb.tuning.chat.ChatAB` (streamed, Stop works)."""
+"""ChatPanel: A/B chat, a thin view over :class:`runlora_nb.assess.chat.ChatAB` (streamed, Stop works)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from runlora_nb.tuning.chat import ChatAB
+from runlora_nb.assess.chat import ChatAB
 
 from .chrome import Panel
 

@@ -16,7 +16,7 @@ __all__ = ["add_parsers", "handlers"]
 
 def add_parsers(sub) -> None:
     """Add the ``export`` and ``memory`` subcommands to the CLI's subparsers."""
-    from ..tuning.export import FORMATS
+    from ..assess.export import FORMATS
 
     ex = sub.add_parser(
         "export", help="export a tuned model (PEFT adapter, merged folder, GGUF) with a parity check"
@@ -51,7 +51,7 @@ def add_parsers(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..tuning.export import export_from_files
+    from ..assess.export import export_from_files
 
     result = export_from_files(
         args.model, args.adapter, args.format, args.out, dtype=args.dtype, force=args.force

@@ -1,4 +1,4 @@
-"""Tuning layer: the fine-tuning engine and what grows around it (configs, events, runs, sweeps, evaluation, export).
+"""Tuning layer: the fine-tuning engine and what grows around it (configs, events, runs, sweeps).
 
 Owns: :mod:`.config` (:class:`FineTuneConfig`), :mod:`.events` (events, callbacks, results), :mod:`.engine`
 (:class:`FineTuner`), :mod:`.runs` (the run ledger), :mod:`.checkpoint` (resumable state), :mod:`.guards`, :mod:`.space`

@@ -8,9 +8,9 @@ import pytest
 import torch
 from panel_helpers import wait_until
 
+from runlora_nb.assess.chat import ChatAB
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
-from runlora_nb.tuning.chat import ChatAB
 from runlora_nb.widgets.chat_view import ChatPanel
 
 

@@ -8,7 +8,7 @@ tokenizer (``gpt2`` model: tokens, token types, merges, special ids, chat templa
 
 The file is then read back twice: with :class:`gguf.GGUFReader` (names, shapes, metadata) and with
 transformers (``from_pretrained(folder, gguf_file=...)``, as :mod:`runlora_nb.assets.gguf` loads GGUF), and
-the reloaded model is compared with the in-memory tuned model by :func:`~runlora_nb.tuning.parity.parity_report`.
+the reloaded model is compared with the in-memory tuned model by :func:`~runlora_nb.assess.parity.parity_report`.
 """
 
 from __future__ import annotations

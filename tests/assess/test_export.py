@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from runlora_nb.assess import export as export_mod
+from runlora_nb.assess.export import export_model
+from runlora_nb.assess.parity import ParityWarning, parity_report, tolerance
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.integrations.inject import apply_runlora, get_peft_model, runlora_layers
-from runlora_nb.tuning import export as export_mod
-from runlora_nb.tuning.export import export_model
-from runlora_nb.tuning.parity import ParityWarning, parity_report, tolerance
 
 
 def tuned_llama(r: int = 4):

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from runlora_nb.assess.export import export_model, merged_copy
+from runlora_nb.assess.gguf_export import modelfile_text
+from runlora_nb.assess.parity import ParityWarning
 from runlora_nb.assets.tiny import TINY_DIMS, build_tiny
 from runlora_nb.assets.tokenizer import byte_tokenizer
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.common.numerics import rounding_bound
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
-from runlora_nb.tuning.export import export_model, merged_copy
-from runlora_nb.tuning.gguf_export import modelfile_text
-from runlora_nb.tuning.parity import ParityWarning
 
 PROMPT = "Shall I compare thee to a summer's day?"
 

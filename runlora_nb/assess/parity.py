@@ -1,6 +1,6 @@
 """Parity of an exported artefact with the in-memory tuned model: logits, greedy tokens, perplexity.
 
-Every export (:mod:`runlora_nb.tuning.export`) reloads what it wrote and runs :func:`parity_report` on a fixed
+Every export (:mod:`runlora_nb.assess.export`) reloads what it wrote and runs :func:`parity_report` on a fixed
 prompt set. The tolerance comes from the artefact's dtype and the reduction length of the network (rounding
 errors of ``eps`` per element accumulate roughly like ``eps·sqrt(hidden·layers)``), scaled by the logits' size.
 """

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .evaluate import adapters_disabled
+from ..integrations.adapter_switch import adapters_disabled
 
 __all__ = ["ChatAB", "ChatSettings", "SideResult", "base_vs_tuned"]
 

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
+from runlora_nb.assess.chat import ChatAB, ChatSettings
 from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.adapter_switch import adapters_disabled
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
-from runlora_nb.tuning.chat import ChatAB, ChatSettings
-from runlora_nb.tuning.evaluate import adapters_disabled
 
 
 @pytest.fixture(scope="module")

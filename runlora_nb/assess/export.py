@@ -1,7 +1,7 @@
 """Export a tuned model: the PEFT adapter folder, a merged transformers folder, or a GGUF file + Modelfile.
 
 Every export is built in a temporary sibling of ``out``, reloaded from there and compared with the in-memory
-tuned model (:func:`~runlora_nb.tuning.parity.parity_report`); ``parity.json`` is written next to the artefact
+tuned model (:func:`~runlora_nb.assess.parity.parity_report`); ``parity.json`` is written next to the artefact
 and only then is the folder renamed into place, so a failed export leaves nothing half-written.
 
 Example:

@@ -9,11 +9,7 @@ import peft
 import pytest
 import torch
 
-from runlora_nb.assets.tokenized import make_dataset
-from runlora_nb.assets.zoo import load_model
-from runlora_nb.integrations.inject import apply_runlora, get_peft_model, runlora_layers
-from runlora_nb.tuning.evaluate import (
-    adapters_disabled,
+from runlora_nb.assess.evaluate import (
     compare_adapters,
     dataset_loss,
     evaluate_pairs,
@@ -22,6 +18,10 @@ from runlora_nb.tuning.evaluate import (
     rouge_l,
     summarize_pairs,
 )
+from runlora_nb.assets.tokenized import make_dataset
+from runlora_nb.assets.zoo import load_model
+from runlora_nb.integrations.adapter_switch import adapters_disabled
+from runlora_nb.integrations.inject import apply_runlora, get_peft_model, runlora_layers
 
 
 def tuned(task="causal-lm", num_labels=2):

@@ -1,6 +1,6 @@
 """Is the tuned model better? Held-out loss/perplexity (or accuracy) and prompt/reference scores, base vs adapted.
 
-The base model is the tuned model with its adapters switched off (:func:`adapters_disabled`), so nothing is
+The base model is the tuned model with its adapters switched off (:func:`~runlora_nb.integrations.adapter_switch.adapters_disabled`), so nothing is
 reloaded. Results are pandas DataFrames; given a run folder, they are also written there (atomically):
 ``eval_loss.csv``, ``eval_pairs.csv`` (with the greedy generations) and ``eval_summary.json``.
 """
@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from ..common.paths import atomic_write_text
+from ..integrations.adapter_switch import adapters_disabled
 
 __all__ = [
-    "adapters_disabled",
     "compare_adapters",
     "dataset_loss",
     "evaluate_pairs",
-    "evaluate_tuner",
     "exact_match",
     "read_pairs",
     "rouge_l",
@@ -38,41 +37,6 @@ PAIR_KEYS = ("prompt", "reference")
 
 
 # ------------------------------------------------------------------------------------------------ toggling
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the block on the base model: every RunLoRA / PEFT adapter off, restored afterwards (no reload).
-
-    Raises:
-        ValueError: the model has no adapters, or a RunLoRA layer is merged (its base weight holds sAB).
-    """
-    from ..integrations.inject import runlora_layers
-    from ..nn.layer import RunLoRALinear
-
-    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-        return
-    layers = [(p, m) for p, m in runlora_layers(model) if isinstance(m, RunLoRALinear)]
-    if not layers:
-        raise ValueError(
-            f"evaluate: {type(model).__name__} has no RunLoRA or PEFT adapters to switch off; pass the tuned "
-            "model (apply_runlora / get_peft_model / load_adapter)"
-        )
-    merged = [p for p, m in layers if m.merged]
-    if merged:
-        raise ValueError(
-            f"evaluate: {merged[0]} is merged, so its base cannot be recovered; unmerge() it first"
-        )
-    before = [m.adapter_enabled for _, m in layers]
-    try:
-        for _, m in layers:
-            m.enable_adapter(False)
-        yield model
-    finally:
-        for (_, m), on in zip(layers, before):
-            m.enable_adapter(on)
 
 
 @contextlib.contextmanager
@@ -319,34 +283,4 @@ def summarize_pairs(df: pd.DataFrame) -> pd.DataFrame:
     """Mean exact match and ROUGE-L per variant (``base`` first)."""
     out = df.groupby("variant", sort=False)[["exact_match", "rouge_l"]].mean().reset_index()
     out["pairs"] = df.groupby("variant", sort=False).size().values
-    return out
-
-
-def evaluate_tuner(
-    tuner: Any,
-    pairs: str | os.PathLike | Sequence[dict[str, str]] | None = None,
-    *,
-    max_batches: int | None = None,
-    max_new_tokens: int = 32,
-    run_dir: str | os.PathLike | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Evaluate a prepared :class:`~runlora_nb.tuning.FineTuner`: its validation split, then ``pairs``.
-
-    Returns:
-        ``{"loss": compare_adapters(...)}`` plus ``"pairs"`` and ``"summary"`` when ``pairs`` is given (causal
-        LMs only); everything is written to ``run_dir`` when given.
-    """
-    tuner.prepare()
-    out = {
-        "loss": compare_adapters(tuner.model, tuner.val_set, tuner.config.batch_size, max_batches, run_dir)
-    }
-    if pairs is not None and not tuner.label_names:
-        chat = (
-            tuner.config.task == "instruction"
-            or getattr(tuner.val_set, "info", {}).get("task") == "instruction"
-        )
-        out["pairs"] = evaluate_pairs(
-            tuner.model, tuner.tokenizer, pairs, max_new_tokens, chat=chat, run_dir=run_dir
-        )
-        out["summary"] = summarize_pairs(out["pairs"])
     return out
