@@ -9,11 +9,10 @@ One-line adoption::
     apply_runlora(model, r=16)     # or inject RunLoRA layers into a transformers model
 
 Layers, bottom up (imports only point down; see docs/architecture.md): ``common`` < ``core`` < ``planning`` <
-``nn`` < ``integrations`` < ``assets`` < ``measure`` < ``tuning`` < ``app``; the panels in ``runlora_nb.widgets``
+``nn`` < ``integrations`` < ``assets`` < ``measure`` < ``tuning`` < ``assess`` < ``app``; the panels in ``runlora_nb.widgets``
 sit on top and the core never imports them.
 """
 
-from . import _compat
 from .common import quiet  # noqa: F401  first: filters known library noise before bitsandbytes is imported
 from .core.chains import BACKWARD, FORWARD, Chain, Needs, valid_pairs
 from .core.function import CallSpec, lora_apply
@@ -30,8 +29,6 @@ from .integrations.inject import (
 from .integrations.plans import pin_plans, record_plans
 from .nn.layer import RunLoRALinear
 from .planning.planner import ChainPlan, plan_chains
-
-_compat.install()
 
 __version__ = "0.1.0"
 __all__ = [

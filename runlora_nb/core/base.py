@@ -2,7 +2,7 @@
 
 Supported bases: ``torch.nn.Linear`` (weight stored (o, i)), transformers' ``Conv1D`` (GPT-2; weight stored
 (i, o)), and bitsandbytes ``Linear4bit`` (nf4 / fp4) and ``Linear8bitLt`` (int8), whose weight is dequantized on
-demand by :mod:`runlora_nb.quant`. Optional packages are looked up in ``sys.modules`` only: a Conv1D or bnb layer
+demand by :mod:`runlora_nb.core.quant`. Optional packages are looked up in ``sys.modules`` only: a Conv1D or bnb layer
 cannot exist unless its package was imported, so the core never imports transformers or bitsandbytes itself.
 """
 

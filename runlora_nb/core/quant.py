@@ -90,7 +90,7 @@ def dequantize(module: nn.Module, info: BaseInfo, dtype: torch.dtype | None = No
 
     Args:
         module: a ``Linear4bit`` or ``Linear8bitLt``.
-        info: its :class:`~runlora_nb.base.BaseInfo`.
+        info: its :class:`~runlora_nb.core.base.BaseInfo`.
         dtype: result dtype (default: the layer's compute dtype).
 
     Returns:

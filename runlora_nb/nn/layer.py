@@ -56,8 +56,8 @@ class ChainDispatch:
     """Per-call planning and dispatch, shared by :class:`RunLoRALinear` and PEFT layers converted in place.
 
     The host module provides ``base_layer``; this mixin keeps ``runlora_info`` (the base's
-    :class:`~runlora_nb.base.BaseInfo`), ``runlora_chain`` (mode or explicit pair) and a small dict of
-    :class:`~runlora_nb.function.CallSpec` per call key, so the hot path is one dict lookup.
+    :class:`~runlora_nb.core.base.BaseInfo`), ``runlora_chain`` (mode or explicit pair) and a small dict of
+    :class:`~runlora_nb.core.function.CallSpec` per call key, so the hot path is one dict lookup.
     """
 
     runlora_info: BaseInfo
@@ -330,7 +330,7 @@ class RunLoRALinear(ChainDispatch, nn.Module):
             device: default: the weight's device.
 
         Returns:
-            A :class:`~runlora_nb.planner.ChainPlan`.
+            A :class:`~runlora_nb.planning.planner.ChainPlan`.
         """
         dev = torch.device(device) if device is not None else self.info.device
         base, adapter = self._compute_dtypes(dev.type, self.lora_A.weight.dtype)

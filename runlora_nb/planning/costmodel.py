@@ -1,6 +1,6 @@
 """A small machine cost model for chain pairs, calibrated on this machine in a fraction of a second.
 
-Each chain is a list of GEMMs (:mod:`runlora_nb.chains`). A :class:`CostModel` predicts their seconds as
+Each chain is a list of GEMMs (:mod:`runlora_nb.core.chains`). A :class:`CostModel` predicts their seconds as
 
     large GEMM (no side equal to r):   flops / rate(dtype) + per-call overhead
     skinny GEMM (one side is r):       bytes touched / bandwidth(class) + per-call overhead
