@@ -29,12 +29,27 @@ def test_adoption_examples_run(tmp_path, monkeypatch):
     assert any(True for _ in runlora_layers(model))  # converted in place
     model.eval().save_pretrained("my-adapter")  # as the comment promises
 
+    # "# ... train ..." stands for training: move every B off zero (as training does), or a broken save/load
+    # would reload an adapter equal to no adapter and still pass
+    assert "# ... train ..." in plain_block
+    trained = plain_block.replace(
+        "# ... train ...",
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "with torch.no_grad():\n"
+        "    for _n, _p in plain_model.named_parameters():\n"
+        "        if _p.requires_grad:\n"
+        "            _p.add_(torch.randn_like(_p) * 0.05)\n",
+    )
     namespace = {"plain_model": load_model("tiny-llama")[0]}
-    exec(compile(plain_block, "README.md", "exec"), namespace)
+    exec(compile(trained, "README.md", "exec"), namespace)
     plain = namespace["plain_model"].eval()
+    base = load_model("tiny-llama")[0].eval()
     saved = peft.PeftModel.from_pretrained(load_model("tiny-llama")[0], tmp_path / "my-adapter").eval()
     with torch.no_grad():
-        assert torch.allclose(saved(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+        tuned, reloaded, untouched = (m(input_ids=ids).logits for m in (plain, saved, base))
+    assert not torch.allclose(tuned, untouched, atol=1e-3)  # the adapter changes the model
+    assert torch.allclose(reloaded, tuned, atol=1e-5)  # and PEFT reloads exactly that change
 
 
 def test_layer_example_runs():
