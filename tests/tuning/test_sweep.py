@@ -3,6 +3,7 @@ budget, the errors, and a sweep killed with SIGKILL mid-trial then resumed to it
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -13,7 +14,6 @@ import time
 
 import optuna
 import pytest
-import torch
 
 from runlora_nb.tuning import Callback, SearchSpace, leaderboard, run_sweep
 from runlora_nb.tuning.runs import load_run
@@ -287,10 +287,12 @@ def test_each_trial_reports_its_own_peak_not_the_high_water_mark_of_the_trials_b
 
     class BigFirstTrial(Callback):
         def on_step(self, trainer, event):
-            if not seen:  # the first trial's first step touches 600 MiB, then frees it
-                block = torch.ones(big // 4)
-                seen.append(int(block.sum()))
-                del block
+            if not seen:  # the first trial's first step touches 600 MiB of its own mapping, then frees it
+                block = mmap.mmap(-1, big)
+                for offset in range(0, big, mmap.PAGESIZE):
+                    block[offset] = 1
+                block.close()
+                seen.append(big)
 
     df = run_sweep("tiny-llama", "sonnets", GRID, 2, 2, "peaks", tmp_path / "s.db", pruner=None,
                    callbacks=[BigFirstTrial()], config=_config(tmp_path))  # fmt: skip
