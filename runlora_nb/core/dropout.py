@@ -23,6 +23,7 @@ exactly; it is folded into the adapter product's alpha, so D(X) here only zeroes
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import tempfile
 import threading
@@ -251,26 +252,33 @@ def fused_kernels_available() -> bool:
     return _get_kernels() is not None
 
 
+def _mask_threads(numel: int) -> int:
+    """How many nogil threads build a mask of ``numel`` elements: torch's intra-op thread count (what the GEMMs
+    around it use), at most one per ``_PARALLEL_MIN`` elements, at least one."""
+    return max(1, min(torch.get_num_threads(), numel // _PARALLEL_MIN))
+
+
 def _run_split(fn, arrays: tuple[np.ndarray, ...], seed: np.uint64, threshold: np.uint64) -> None:
-    """``fn(*arrays, offset, seed, threshold)`` over the 1-D ``arrays``, in one or two nogil threads.
+    """``fn(*arrays, offset, seed, threshold)`` over the 1-D ``arrays``, split across :func:`_mask_threads`
+    nogil threads (contiguous chunks; the counter-based draws make the result independent of the split).
 
     Draw index j + 1 belongs to element j, hence the offsets start at 1.
     """
     global _pool
     numel = arrays[0].shape[0]
-    if numel < _PARALLEL_MIN:
+    parts = _mask_threads(numel)
+    if parts == 1:
         fn(*arrays, np.uint64(1), seed, threshold)
         return
-    if _pool is None:
-        with _lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runlora-mask")
-    mid = numel // 2
-    halves = (
-        (tuple(a[:mid] for a in arrays), np.uint64(1)),
-        (tuple(a[mid:] for a in arrays), np.uint64(mid + 1)),
-    )
-    list(_pool.map(lambda h: fn(*h[0], h[1], seed, threshold), halves))
+    with _lock:
+        if _pool is None or _pool._max_workers < parts:
+            old, _pool = _pool, ThreadPoolExecutor(max_workers=parts, thread_name_prefix="runlora-mask")
+            if old is not None:
+                old.shutdown(wait=False)
+        pool = _pool
+    bounds = [numel * k // parts for k in range(parts + 1)]
+    chunks = [(tuple(a[lo:hi] for a in arrays), np.uint64(lo + 1)) for lo, hi in itertools.pairwise(bounds)]
+    list(pool.map(lambda c: fn(*c[0], c[1], seed, threshold), chunks))
 
 
 def _masked(x: torch.Tensor, mask: DropoutMask, inplace: bool) -> torch.Tensor:

@@ -13,12 +13,14 @@ the user cache dir, so later processes reuse them. A corrupt cache file is ignor
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.metadata
 import json
 import statistics
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -31,7 +33,7 @@ from ..core.chains import ALL, BACKWARD, FORWARD, Needs, pair_flops, pair_temp_b
 from . import costmodel
 from .timing import interleaved, pair_step
 
-__all__ = ["MODES", "ChainPlan", "PlanKey", "clear_cache", "plan_chains"]
+__all__ = ["MODES", "ChainPlan", "PlanKey", "clear_cache", "flush", "plan_chains"]
 
 Mode = Literal["flops", "auto", "timed"]
 MODES: tuple[str, ...] = ("auto", "flops", "timed")
@@ -148,8 +150,15 @@ class ChainPlan:
 
 
 _lock = threading.Lock()
-_memory: dict[PlanKey, ChainPlan] = {}
+# Plans of this process, least recently used first. Bounded: a run with many distinct sequence lengths (one key
+# per N) must not grow it without end.
+MEMORY_PLANS = 4096
+_memory: OrderedDict[PlanKey, ChainPlan] = OrderedDict()
 _disk: dict[str, dict] | None = None
+# New plans are written to plans.json off the layer call: in batches, by a timer thread, and at exit.
+FLUSH_DELAY_S = 2.0
+_dirty = False
+_flush_timer: threading.Timer | None = None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -169,10 +178,37 @@ def _load_disk() -> dict[str, dict]:
 
 
 def _save_disk(key: PlanKey, plan: ChainPlan) -> None:
-    disk = _load_disk()
-    disk[key.as_str()] = asdict(plan)
+    """Remember ``plan`` for the file (called under ``_lock``); a timer writes it within ``FLUSH_DELAY_S``."""
+    global _dirty, _flush_timer
+    _load_disk()[key.as_str()] = asdict(plan)
+    _dirty = True
+    if _flush_timer is None:
+        _flush_timer = threading.Timer(FLUSH_DELAY_S, flush)
+        _flush_timer.daemon = True
+        _flush_timer.start()
+
+
+def flush() -> None:
+    """Write the plans made since the last write to ``plans.json`` (the timer and interpreter exit call it)."""
+    global _dirty, _flush_timer
+    with _lock:
+        _flush_timer = None
+        if not _dirty or _disk is None:
+            return
+        text = json.dumps(_disk, indent=0, sort_keys=True)
+        _dirty = False
     with contextlib.suppress(OSError):  # a read-only cache dir only costs re-planning in the next process
-        atomic_write_text(cache_dir() / _CACHE_FILE, json.dumps(disk, indent=0, sort_keys=True))
+        atomic_write_text(cache_dir() / _CACHE_FILE, text)
+
+
+atexit.register(flush)
+
+
+def _remember(key: PlanKey, plan: ChainPlan) -> None:
+    _memory[key] = plan
+    _memory.move_to_end(key)
+    while len(_memory) > MEMORY_PLANS:
+        _memory.popitem(last=False)
 
 
 def _allow_merged(key: PlanKey) -> bool:
@@ -215,12 +251,12 @@ def _from_disk(key: PlanKey) -> ChainPlan | None:
 
 def clear_cache(disk: bool = False) -> None:
     """Forget every in-memory plan (and the JSON cache file when ``disk``)."""
-    global _disk
+    global _disk, _dirty
     with _lock:
         _memory.clear()
         if disk:
             (cache_dir() / _CACHE_FILE).unlink(missing_ok=True)
-            _disk = None
+            _disk, _dirty = None, False
 
 
 def _candidates(dropout: float, allow_merged: bool) -> list[tuple[str, str]]:
@@ -392,5 +428,5 @@ def plan_chains(
             plan = choose(key, pairs, dtype.itemsize)
             if mode != "flops":
                 _save_disk(key, plan)
-        _memory[key] = plan
+        _remember(key, plan)
     return plan

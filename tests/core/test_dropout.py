@@ -31,6 +31,17 @@ def test_fused_kernels_equal_the_reference_function(dtype, shape):
     assert mask.apply_(y) is y and torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_the_mask_is_the_same_whatever_the_thread_count(monkeypatch, threads):
+    """The mask threads follow torch's thread count; counter-based draws make the split invisible."""
+    mask = DropoutMask(0.3, 123456789)
+    x = torch.randn(900, 1000)  # 900k elements: three chunks of at least _PARALLEL_MIN
+    expected = torch.where(keep_mask(x.shape, mask.p, mask.seed), x, torch.zeros(()))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert dropout._mask_threads(x.numel()) == min(threads, x.numel() // dropout._PARALLEL_MIN)
+    assert torch.equal(mask.apply(x), expected)
+
+
 def test_torch_fallback_gives_the_same_masks(monkeypatch):
     mask = DropoutMask(0.1, 42)
     x = torch.randn(300, 900)

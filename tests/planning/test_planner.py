@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,7 @@ def test_memory_cache_returns_the_same_object_fast(fresh_cache):
 
 def test_json_cache_round_trip_across_processes(fresh_cache):
     plan = planner.plan_chains(1024, 512, 512, 8, mode="auto")
+    planner.flush()  # what the timer thread (or interpreter exit) does
     data = json.loads((cache_dir() / "plans.json").read_text())
     assert any(v["fwd"] == plan.fwd and v["bwd"] == plan.bwd for v in data.values())
     planner.clear_cache()
@@ -83,10 +85,42 @@ def test_json_cache_round_trip_across_processes(fresh_cache):
     assert again == plan
 
 
+def test_a_cache_miss_writes_no_file_in_the_call_and_the_timer_writes_it(fresh_cache, monkeypatch):
+    monkeypatch.setattr(planner, "FLUSH_DELAY_S", 0.2)
+    path = cache_dir() / "plans.json"
+    path.unlink(missing_ok=True)
+    planner.clear_cache()
+    planner._disk = None
+    writes = []
+    monkeypatch.setattr(
+        planner, "atomic_write_text", lambda p, text: (writes.append(p), Path(p).write_text(text))
+    )
+    plans = [planner.plan_chains(256 + 64 * k, 128, 128, 4, mode="auto") for k in range(5)]
+    assert writes == [] and not path.exists()  # nothing written on the layer's call path
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(writes) == 1, "five new plans are written in one batch"
+    stored = json.loads(path.read_text())
+    assert len(stored) == 5 and {v["fwd"] for v in stored.values()} <= {p.fwd for p in plans}
+
+
+def test_the_in_memory_plan_cache_is_bounded(fresh_cache, monkeypatch):
+    monkeypatch.setattr(planner, "MEMORY_PLANS", 8)
+    planner.clear_cache()
+    for n in range(1, 40):
+        planner.plan_chains(16 * n, 64, 64, 4, mode="flops")
+    assert len(planner._memory) == 8
+    assert planner.PlanKey(
+        16 * 39, 64, 64, 4, planner.Needs(), "float32", "float32", "cpu", False, "", "flops"
+    ) in (planner._memory)  # the most recent ones are kept
+
+
 def test_corrupt_cache_is_ignored_and_rewritten(fresh_cache):
     (cache_dir() / "plans.json").write_text("{not json")
     plan = planner.plan_chains(256, 128, 128, 4, mode="auto")
     assert plan.pair in set(valid_pairs(0.0))
+    planner.flush()
     assert json.loads((cache_dir() / "plans.json").read_text())  # valid JSON again
     # a well-formed file with a bogus entry is ignored too
     key = next(iter(json.loads((cache_dir() / "plans.json").read_text())))

@@ -140,6 +140,7 @@ def test_an_edited_plan_cache_cannot_give_a_dropout_layer_a_merged_pair(fresh_ca
         plan = planner.plan_chains(64, 32, 48, 4, dropout=0.1, mode="auto")
     assert plan.pair in set(valid_pairs(0.1)) and plan.reason != "hand-edited"
     # the entry is replaced by a valid plan, so the next process does not warn again
+    planner.flush()
     assert json.loads((cache_dir() / "plans.json").read_text())[key.as_str()]["fwd"] == plan.fwd
 
 
