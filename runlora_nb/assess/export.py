@@ -121,6 +121,26 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
+def _umask() -> int:
+    # os.umask is the only way to read it: set it and put it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain write would (``0o666 & ~umask``, folders
+    ``0o777 & ~umask``).
+
+    Some writers (transformers' safetensors save, ``tempfile``-based atomic writes, ``mkdtemp``) leave 0600
+    files or 0700 folders; an export is meant to be shared or served like any other file the user makes.
+    """
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _check_tokenizer(tokenizer: Any, fmt: str) -> None:
     if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "save_pretrained"):
         raise ValueError(
@@ -305,6 +325,7 @@ def export_model(
             files = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
             manifest = {"tool": "runlora_nb", "format": fmt, "files": files, "created": time.time()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            _default_modes(tmp)
     except PermissionError as err:
         raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
     if verbose:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import peft
 import pytest
@@ -151,3 +153,18 @@ def test_a_non_empty_folder_that_is_not_an_earlier_export_is_refused(tmp_path):
 
     forced = export_model(model, tok, out, "peft", verbose=False, force=True)
     assert "notes.txt" not in forced.files and not (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_files_get_the_usual_modes_under_the_umask(tmp_path, mask):
+    """The merged folder's model.safetensors was 0600 while the rest was 0644."""
+    model, tok = tuned_llama()
+    old = os.umask(mask)
+    try:
+        result = export_model(model, tok, tmp_path / "merged", "merged", verbose=False)
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((result.path / name).stat().st_mode) for name in result.files}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(result.files, 0o666 & ~mask)
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o777 & ~mask
