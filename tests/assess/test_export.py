@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -9,7 +10,8 @@ import stat
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, modeling_utils
 
 from runlora_nb.assess import export as export_mod
 from runlora_nb.assess.export import export_model
@@ -168,3 +170,33 @@ def test_exported_files_get_the_usual_modes_under_the_umask(tmp_path, mask):
     assert "model.safetensors" in modes
     assert modes == dict.fromkeys(result.files, 0o666 & ~mask)
     assert stat.S_IMODE(result.path.stat().st_mode) == 0o777 & ~mask
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "model.safetensors"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+    ids=["oserror", "safetensors"],
+)
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_export(tmp_path, monkeypatch, error):
+    """A full disk during export gave a raw traceback (safetensors reports it as SafetensorError)."""
+    model, tok = tuned_llama()
+    out = tmp_path / "merged"
+    export_model(model, tok, out, "merged", verbose=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a shard")
+        raise error
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(ValueError, match="not enough disk space") as info:
+        export_model(model, tok, out, "merged", verbose=False)
+    message = str(info.value)
+    assert str(out) in message and "--out" in message and "Free some space" in message
+    needed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    assert f"{needed:,} bytes" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and no_leftovers(out)
