@@ -60,3 +60,18 @@ def test_layer_example_runs():
     layer = RunLoRALinear(nn.Linear(1024, 1024), r=16, alpha=32, dropout=0.1)
     plan = layer.plan(2048)
     assert plan.fwd and plan.reason
+
+
+def test_the_command_lists_export_line_shows_force_and_parses():
+    """The command list showed `export` without the --force the CLI accepts."""
+    import shlex
+
+    from runlora_nb.app.cli import _parser
+
+    lines = [
+        ln.strip() for ln in README.read_text().splitlines() if ln.strip().startswith("runlora-nb export ")
+    ]
+    assert lines and all("[--force]" in ln for ln in lines)
+    for line in lines:
+        argv = shlex.split(line.split("  #")[0].replace("[", "").replace("]", ""))[1:]
+        assert _parser().parse_args(argv).force is True

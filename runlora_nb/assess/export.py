@@ -13,8 +13,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -119,6 +121,80 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
             f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
         )
     return out
+
+
+def _umask() -> int:
+    # os.umask is the only way to read it: set it and put it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain write would (``0o666 & ~umask``, folders
+    ``0o777 & ~umask``).
+
+    Some writers (transformers' safetensors save, ``tempfile``-based atomic writes, ``mkdtemp``) leave 0600
+    files or 0700 folders; an export is meant to be shared or served like any other file the user makes.
+    """
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a full disk or an exhausted quota.
+
+    safetensors reports a full disk as ``SafetensorError("... No space left on device (os error 28)")``, not
+    as an OSError, so the message is checked too.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _export_bytes(model: nn.Module, fmt: str, dtype: str) -> int:
+    """About how many bytes the export's weights take (tied tensors counted once; tokenizer etc. left out)."""
+    seen, lora, base = set(), 0, 0
+    size = {"f32": 4, "f16": 2, "bf16": 2}[dtype] if fmt == "gguf" else None
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        n = p.numel() * (size or p.element_size())
+        if "lora_" in name:
+            lora += n
+        else:
+            base += n
+    return lora if fmt == "peft" else base
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _no_space_error(out: Path, needed: int, had_export: bool) -> ValueError:
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    try:
+        free = f", {_mib(shutil.disk_usage(where).free)} free there"
+    except OSError:
+        free = ""
+    kept = "; the previous export there is kept" if had_export else ""
+    return ValueError(
+        f"export: not enough disk space to write {out} (the weights alone need about {_mib(needed)} "
+        f"= {needed:,} bytes{free}); nothing was written{kept}. Free some space, or choose another --out "
+        "on a disk with room"
+    )
 
 
 def _check_tokenizer(tokenizer: Any, fmt: str) -> None:
@@ -278,7 +354,8 @@ def export_model(
 
     Raises:
         ValueError: unknown format, missing tokenizer, a non-llama model for GGUF, an unwritable destination,
-            a non-empty destination that is not an earlier export (without ``force``); nothing is written.
+            a non-empty destination that is not an earlier export (without ``force``), a full disk (the
+            message names the folder and the bytes needed); nothing is written and an earlier export stays.
     """
     if fmt not in FORMATS:
         raise ValueError(f"export: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -289,6 +366,7 @@ def export_model(
 
         check_gguf_exportable(_inner(model), dtype)
     out = check_destination(out, force)
+    had_export = out.is_dir() and any(out.iterdir())
     artefact = None
     try:
         with atomic_dir(out) as tmp:
@@ -305,8 +383,13 @@ def export_model(
             files = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
             manifest = {"tool": "runlora_nb", "format": fmt, "files": files, "created": time.time()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            _default_modes(tmp)
     except PermissionError as err:
         raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
+    except Exception as err:  # atomic_dir has removed the partial folder; ``out`` is as it was
+        if _no_space(err):
+            raise _no_space_error(out, _export_bytes(model, fmt, dtype), had_export) from err
+        raise
     if verbose:
         print(format_parity(report))
     return ExportResult(fmt, out, files, report, artefact)

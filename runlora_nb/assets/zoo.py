@@ -380,7 +380,12 @@ def load_model(
         )
     if quantization is not None:
         guard_cpu_repack(model)
-    return finish(model, tokenizer, task), tokenizer
+    model = finish(model, tokenizer, task)
+    if name in _SPECS:
+        # a packaged zoo model's _name_or_path is its cache folder: run records (LedgerCallback) show
+        # the zoo name instead, as the engine's runs do
+        model.runlora_zoo_name = name
+    return model, tokenizer
 
 
 def _load_zoo(

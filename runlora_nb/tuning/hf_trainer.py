@@ -4,8 +4,9 @@
 becomes a folder of the ledger (:mod:`.runs`) like any fine-tune of the engine: ``config.json`` (the trainer's
 settings, the adapter's rank and alpha, library versions, the chain plan of every RunLoRA layer), one
 ``metrics.jsonl`` line per logged step (train loss, lr, grad norm, tokens/s, step time, peak memory) and per
-evaluation (val loss, perplexity), and ``status.json`` (running → finished / stopped). So ``list_runs()``,
-``compare([...])`` and ``runlora-nb runs`` show Trainer runs beside the engine's.
+evaluation (val loss, perplexity), and ``status.json`` (running → finished / stopped, or interrupted / failed
+when ``trainer.train()`` raises). So ``list_runs()``, ``compare([...])`` and ``runlora-nb runs`` show Trainer
+runs beside the engine's.
 
 It is also an event source: :meth:`LedgerCallback.subscribe` gets ``("step" | "eval" | "end", record)`` calls
 in the training thread; the widget view ``runlora_nb.widgets.trainer_monitor`` draws them live. No widgets here.
@@ -13,11 +14,15 @@ in the training thread; the widget view ``runlora_nb.widgets.trainer_monitor`` d
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
 import socket
+import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,24 +40,97 @@ __all__ = ["LedgerCallback"]
 Listener = Callable[[str, dict], None]
 
 
+def _targets(value: Any) -> Any:
+    """A target_modules setting as JSON: a string as it is, a set or tuple as a sorted list."""
+    if value is None or isinstance(value, str):
+        return value
+    return sorted(str(v) for v in value)
+
+
+def _find_config(model: torch.nn.Module, attr: str) -> Any:
+    """``attr`` of ``model`` or of the model it wraps (PEFT's ``base_model.model``), or None."""
+    for m in (
+        model,
+        getattr(model, "base_model", None),
+        getattr(getattr(model, "base_model", None), "model", None),
+    ):
+        if m is not None and attr in getattr(m, "__dict__", {}):
+            return m.__dict__[attr]
+    return None
+
+
 def _adapter_settings(model: torch.nn.Module) -> dict[str, Any]:
-    """Backend, rank, alpha and dropout of the LoRA layers in ``model`` (RunLoRA first, then PEFT's)."""
-    layers = [layer for _, layer in runlora_layers(model)]
+    """Backend, rank, alpha, dropout and targets of the LoRA layers in ``model`` (RunLoRA first, then PEFT's).
+
+    Rank, alpha and dropout come from the layers themselves (what trains); the targets (what was asked for)
+    from the model's ``runlora_config`` or PEFT's ``peft_config``, else the wrapped layers' paths.
+    """
+    layers = list(runlora_layers(model))
     if layers:
-        first = layers[0]
-        return {"backend": "runlora", "r": first.r, "alpha": first.alpha, "dropout": first.dropout}
-    for module in model.modules():
+        first = layers[0][1]
+        cfg = _find_config(model, "runlora_config")
+        targets = getattr(cfg, "target_modules", None) or [path for path, _ in layers]
+        return {"backend": "runlora", "r": first.r, "alpha": first.alpha, "dropout": first.dropout,
+                "targets": _targets(targets), "modules": len(layers)}  # fmt: skip
+    paths = []
+    found = None
+    for path, module in model.named_modules():
         r = getattr(module, "r", None)
         if isinstance(r, dict) and r and hasattr(module, "lora_A"):  # a PEFT LoRA layer
-            name = next(iter(r))
-            drop = module.lora_dropout[name]
-            return {
-                "backend": "peft",
-                "r": r[name],
-                "alpha": module.lora_alpha[name],
-                "dropout": float(getattr(drop, "p", 0.0)),
-            }
-    return {"backend": "trainer", "r": None, "alpha": None, "dropout": None}
+            paths.append(path)
+            if found is None:
+                name = next(iter(r))
+                drop = module.lora_dropout[name]
+                found = {
+                    "backend": "peft",
+                    "r": r[name],
+                    "alpha": module.lora_alpha[name],
+                    "dropout": float(getattr(drop, "p", 0.0)),
+                    "name": name,
+                }
+    if found is not None:
+        peft_config = getattr(model, "peft_config", None)
+        cfg = peft_config.get(found.pop("name")) if isinstance(peft_config, dict) else None
+        targets = getattr(cfg, "target_modules", None) or paths
+        return {**found, "targets": _targets(targets), "modules": len(paths)}
+    return {"backend": "trainer", "r": None, "alpha": None, "dropout": None, "targets": None, "modules": 0}
+
+
+def _model_name(model: torch.nn.Module | None) -> str | None:
+    """What the model is: its zoo name, else the folder or hub id it was loaded from, else its type.
+
+    :func:`~runlora_nb.assets.zoo.load_model` tags zoo models with ``runlora_zoo_name`` (a packaged one's
+    ``_name_or_path`` is its cache folder); PEFT's wrapper passes the attribute through.
+    """
+    if model is None:
+        return None
+    with contextlib.suppress(AttributeError):
+        if isinstance(model.runlora_zoo_name, str) and model.runlora_zoo_name:
+            return model.runlora_zoo_name
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None)
+    if name:
+        return str(name)
+    base = getattr(_find_config(model, "runlora_config"), "base_model_name_or_path", None)
+    if base:
+        return str(base)
+    model_type = getattr(config, "model_type", None)
+    return f"{model_type} (built in memory)" if model_type else type(model).__name__
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose method is on the call stack (the one calling a callback), or None."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(30):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, Trainer):
+            return obj
+        frame = frame.f_back
+    return None
 
 
 class LedgerCallback(TrainerCallback):
@@ -88,6 +166,11 @@ class LedgerCallback(TrainerCallback):
         self._step_at_log = 0
         self._max_steps = 0
         self._plans_written = False
+        self._ended = True  # no run open: nothing to mark when train() raises
+        self._eval_s = 0.0  # time spent evaluating since the last logged step: not training throughput
+        self._eval_t0: float | None = None
+        self._hooked: weakref.WeakSet = weakref.WeakSet()
+        self._state: Any = None  # the Trainer's TrainerState (updated in place): the step reached
 
     # ---------------------------------------------------------------------------------- subscribers
     def subscribe(self, fn: Listener) -> Callable[[], None]:
@@ -100,15 +183,80 @@ class LedgerCallback(TrainerCallback):
         for fn in list(self._listeners):
             fn(kind, record)
 
+    # ---------------------------------------------------------------------------------- interruptions
+    def _hook(self, trainer: Any) -> None:
+        """Wrap ``trainer.train`` so that a run it ends by raising is marked, not left "running".
+
+        The Trainer calls ``on_train_end`` only when training completes: a Ctrl-C (KeyboardInterrupt) or an
+        error skips it, and in a notebook the kernel (the run's pid) lives on, so neither an ``atexit`` hook
+        nor the ledger's dead-pid check would ever see the run end. ``trainer.train()`` is the one call every
+        run goes through, so a ``try/except`` around it sees every way out. Installed when the Trainer is
+        built with this callback (``on_init_end``); for a callback added later with ``add_callback``, at its
+        first ``on_train_begin`` (that first run falls back to the dead-pid check).
+        """
+        if trainer is None or trainer in self._hooked:
+            return
+        self._hooked.add(trainer)
+        original = trainer.train
+
+        @functools.wraps(original)
+        def train(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except BaseException as err:
+                self._abort(err)
+                raise
+
+        trainer.train = train
+
+    def _abort(self, err: BaseException) -> None:
+        """Mark the open run interrupted (Ctrl-C) or failed (an error), as the engine's runs are."""
+        if self._ended or self._ledger is None:
+            return
+        self._ended = True
+        interrupted = isinstance(err, KeyboardInterrupt)
+        record = {
+            "status": "interrupted" if interrupted else "failed",
+            "step": int(getattr(self._state, "global_step", self._step_at_log)),
+            "elapsed_s": time.perf_counter() - self._t0,
+            "val_loss": next((r["val_loss"] for k, r in reversed(self.records) if k == "eval"), None),
+            "message": (
+                "interrupted (KeyboardInterrupt); resume with trainer.train(resume_from_checkpoint=True) if a "
+                "checkpoint was saved"
+                if interrupted
+                else f"{type(err).__name__}: {err}"[:500]
+            ),
+        }
+        with contextlib.suppress(Exception):  # the original exception is what the user must see
+            self._ledger._set_status(**record, ended=time.time())
+        _ACTIVE.discard(self.id)
+        with contextlib.suppress(Exception):
+            self._emit("end", record)
+
     # ---------------------------------------------------------------------------------- Trainer events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._hook(_calling_trainer())
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        settings = _adapter_settings(model) if model is not None else {"backend": "trainer"}
+        self._hook(_calling_trainer())
+        settings = (
+            _adapter_settings(model)
+            if model is not None
+            else {
+                "backend": "trainer",
+                "r": None,
+                "alpha": None,
+                "dropout": None,
+                "targets": None,
+                "modules": 0,
+            }
+        )
         self.dir = self._run_dir or new_run_dir(settings["backend"], self.root)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.id = self.dir.name
         self._ledger = RunLedger(self.dir)
         self._ledger._opened = True  # the folder exists now: a deletion under the run stops its writes
-        name = self.model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
+        name = self.model_name or _model_name(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
         total = sum(p.numel() for p in model.parameters()) if model is not None else 0
         self._max_steps = int(state.max_steps or args.max_steps or 0)
@@ -116,6 +264,7 @@ class LedgerCallback(TrainerCallback):
             "model": name,
             "dataset": self.dataset,
             **settings,
+            "adapter": {k: settings[k] for k in ("r", "alpha", "dropout", "targets")},
             "lr": args.learning_rate,
             "weight_decay": args.weight_decay,
             "steps": self._max_steps,
@@ -145,6 +294,8 @@ class LedgerCallback(TrainerCallback):
         self._t0 = self._t_log = time.perf_counter()
         self._tokens_at_log = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self._step_at_log = state.global_step
+        self._eval_s, self._eval_t0 = 0.0, None
+        self._ended, self._state = False, state
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -155,7 +306,7 @@ class LedgerCallback(TrainerCallback):
         now = time.perf_counter()
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         steps = max(state.global_step - self._step_at_log, 1)
-        dt = now - self._t_log
+        dt = max(now - self._t_log - self._eval_s, 0.0)  # training time only: evaluations are left out
         record = {
             "step": state.global_step,
             "train_loss": float(logs["loss"]),
@@ -169,6 +320,7 @@ class LedgerCallback(TrainerCallback):
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
         self._t_log, self._tokens_at_log, self._step_at_log = now, tokens, state.global_step
+        self._eval_s = 0.0
         self._ledger._append("metrics.jsonl", {"kind": "step", **record})
         if model is not None and not self._plans_written:  # plans exist once a step ran every layer
             self._plans_written = True
@@ -182,8 +334,19 @@ class LedgerCallback(TrainerCallback):
             cfg["plans"] = json.loads(plans.to_json(orient="records"))
             write_json(self.dir / "config.json", cfg)
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._eval_t0 is None:  # the first batch of an evaluation: it started about now
+            self._eval_t0 = time.perf_counter()
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
+        # the Trainer times the whole evaluation (eval_runtime); the prediction steps bound it otherwise
+        runtime = metrics.get("eval_runtime")
+        if isinstance(runtime, (int, float)) and math.isfinite(runtime) and runtime >= 0:
+            self._eval_s += float(runtime)
+        elif self._eval_t0 is not None:
+            self._eval_s += time.perf_counter() - self._eval_t0
+        self._eval_t0 = None
         if self._ledger is None or "eval_loss" not in metrics:
             return
         loss = float(metrics["eval_loss"])
@@ -204,6 +367,7 @@ class LedgerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._ledger is None:
             return
+        self._ended = True
         stopped = bool(self._max_steps) and state.global_step < self._max_steps
         evals = [r for k, r in self.records if k == "eval"]
         losses = [r["train_loss"] for k, r in self.records if k == "step"]

@@ -41,6 +41,7 @@ SAMPLERS = ("grid", "random", "tpe")
 _SPACE_ATTR, _SETUP_ATTR = "runlora_space", "runlora_setup"
 _COUNTED = {"complete", "pruned", "failed", "diverged"}  # outcomes that use up the trial budget
 _LIVE: set[int] = set()  # optuna trial ids this process is running
+_SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def _optuna():
@@ -63,7 +64,8 @@ def storage_url(storage: str | os.PathLike | None = None) -> str:
         The URL.
 
     Raises:
-        ValueError: the file (or its folder) cannot be created or written.
+        ValueError: the file (or its folder) cannot be created or written, or it is a file that is not a
+            SQLite database.
     """
     if storage is not None and "://" in str(storage):
         url = str(storage)
@@ -84,7 +86,41 @@ def storage_url(storage: str | os.PathLike | None = None) -> str:
             f"sweep: the storage {str(path)!r} is not writable ({type(err).__name__}: {err}); give a file in a "
             f"writable folder (storage=... / --storage PATH)"
         ) from None
+    with open(path, "rb") as fh:
+        head = fh.read(len(_SQLITE_MAGIC))
+    if head and head != _SQLITE_MAGIC:  # SQLAlchemy would fail later with "file is not a database"
+        raise ValueError(
+            f"sweep: the storage {str(path)!r} is not a SQLite database (it starts with {head!r}); give the "
+            "sweep's database file, or a new file name such as sweeps.db (storage=... / --storage PATH)"
+        )
     return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def _creating(url: str):
+    """Serialise the first use of a SQLite storage across threads and processes.
+
+    Creating the storage makes its tables and version rows; two sweeps doing it at once on a new file both
+    run ``CREATE TABLE`` / insert the version row, and one fails ("table ... already exists", a UNIQUE
+    constraint). A lock file next to the database makes the second one wait and then find the tables made.
+    """
+    if not url.startswith("sqlite:///"):
+        yield  # a server database handles concurrent DDL itself
+        return
+    from filelock import FileLock
+
+    with FileLock(url[len("sqlite:///") :] + ".lock", timeout=300):
+        yield
+
+
+def _rdb_storage(url: str):
+    """An ``optuna.storages.RDBStorage`` for ``url``, its tables created under :func:`_creating`."""
+    optuna = _optuna()
+    with _creating(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=_requeue
+        )
 
 
 def _trial_is_dead(trial) -> bool:
@@ -144,25 +180,23 @@ def open_study(
         The ``optuna.Study``.
 
     Raises:
-        ValueError: an unwritable storage, or the study was created with another space or setup.
+        ValueError: an unwritable storage, a file that is not a database, or the study was created with
+            another space or setup.
     """
     optuna = _optuna()
     if not study_name or not isinstance(study_name, str):
         raise ValueError(f"sweep: study_name must be a non-empty string, got {study_name!r}")
     url = storage_url(storage)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(
-            url, heartbeat_interval=60, grace_period=300, heartbeat_stale_trial_callback=_requeue
+    rdb = _rdb_storage(url)
+    with _creating(url):  # two sweeps creating one new study: the second loads the first's
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=rdb,
+            load_if_exists=True,
+            direction="minimize",
+            sampler=sampler,
+            pruner=pruner,
         )
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=rdb,
-        load_if_exists=True,
-        direction="minimize",
-        sampler=sampler,
-        pruner=pruner,
-    )
     attrs = study.user_attrs
     for key, want in ((_SPACE_ATTR, space.describe() if space else None), (_SETUP_ATTR, setup)):
         if want is None:
@@ -215,7 +249,51 @@ class _Stopped(Exception):
     """The sweep was asked to stop mid-trial (the trial is queued again)."""
 
 
-def _objective(space, base, callbacks, stopping, prune):
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
+
+
+def _taken_by(trial) -> Any:
+    """Another trial that has run, or is running, this trial's grid point; None if there is none.
+
+    Two workers on one grid study can be handed the same point: optuna's GridSampler gives a running point
+    again once every point has started. A point counts as taken by a trial that completed or was pruned on
+    it, or by a live trial with a lower number (the lower number wins, so of two trials that pick one point
+    at the same moment exactly one trains: each stores its parameters before it looks).
+    """
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    for t in trial.study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)):
+        if t.number == trial.number or not _same_point(t.params, trial.params):
+            continue
+        if t.state == state.RUNNING and (t.number > trial.number or _trial_is_dead(t)):
+            continue
+        if t.user_attrs.get("outcome") == "duplicate":
+            continue
+        return t
+    return None
+
+
+def _grid_left(study, grid: dict[str, list]) -> bool:
+    """Whether a point of ``grid`` has no trial that completed, was pruned or is running (alive) on it."""
+    import itertools
+
+    optuna = _optuna()
+    state = optuna.trial.TrialState
+    taken = [
+        t.params
+        for t in study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+        if t.user_attrs.get("outcome") != "duplicate" and not (t.state == state.RUNNING and _trial_is_dead(t))
+    ]
+    names = sorted(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        point = dict(zip(names, values))
+        if not any(_same_point(point, p) for p in taken):
+            return True
+    return False
+
+
+def _objective(space, base, callbacks, stopping, prune, grid=None):
     from .engine import FineTuner
     from .runs import new_run_dir
 
@@ -228,6 +306,12 @@ def _objective(space, base, callbacks, stopping, prune):
         try:
             _reset_peak_memory()  # each trial's own peak, not the high-water mark of the trials before it
             cfg = replace(base, **space.suggest(trial))
+            if grid is not None and (other := _taken_by(trial)) is not None:
+                # another worker has this grid point: training it again would only duplicate its run
+                trial.set_user_attr("outcome", "duplicate")
+                trial.set_user_attr("duplicate_of", other.number)
+                trial.set_user_attr("grid_left", _grid_left(trial.study, grid))
+                raise optuna.TrialPruned(f"grid point already taken by trial {other.number}")
             reporter = _TrialReporter(trial, stopping, prune)
             tuner = FineTuner(cfg, [reporter, *callbacks])
             tuner.run_dir = new_run_dir(cfg.backend, cfg.runs_dir)
@@ -409,15 +493,20 @@ def run_sweep(
         stopping = lambda: False  # noqa: E731
     else:
         stopping = stop
-    objective = _objective(space, base, list(callbacks), stopping, pruner not in (None, "none"))
+    grid = space.grid() if sampler == "grid" else None  # {} when nothing varies: one point, no params
+    objective = _objective(space, base, list(callbacks), stopping, pruner not in (None, "none"), grid)
+    idle = False  # every grid point is done or being run by another worker: nothing left for this one
 
     def after(study_, trial) -> None:
+        nonlocal idle
         if verbose:
             row = leaderboard_row(trial)
             print(
                 f"trial {trial.number}: {row['status']} val_loss={row['val_loss']} {trial.params}", flush=True
             )
-        if stopping() or _counted(study_) >= budget:
+        if trial.user_attrs.get("outcome") == "duplicate" and not trial.user_attrs.get("grid_left"):
+            idle = True
+        if idle or stopping() or _counted(study_) >= budget:
             study_.stop()
 
     t0 = time.monotonic()
@@ -428,7 +517,7 @@ def run_sweep(
             study_name, storage, space, setup, _make_sampler(sampler, space, seed), _make_pruner(pruner)
         )
         _recover(study)
-        while not stopping():
+        while not stopping() and not idle:
             remaining = budget - _counted(study)
             left = None if timeout is None else timeout - (time.monotonic() - t0)
             if remaining <= 0 or (left is not None and left <= 0):
@@ -479,7 +568,8 @@ def leaderboard(study_or_name: Any, storage: str | os.PathLike | None = None) ->
         One row per trial (queued ones left out): trial, one column per searched parameter, val_loss (the last
         evaluation), perplexity, tokens_per_s (median), peak_mem_bytes (CUDA's peak in the trial, else the
         trial's own peak RSS on Linux, the process's peak so far elsewhere), trainable_params, time_s, status (complete / pruned /
-        failed / diverged / stopped / interrupted / running), run_id (the ledger run), error; sorted by
+        failed / diverged / stopped / interrupted / running / duplicate: a grid point another worker had
+        taken, not trained), run_id (the ledger run), error; sorted by
         validation loss, complete trials first.
 
     Raises:
@@ -489,7 +579,7 @@ def leaderboard(study_or_name: Any, storage: str | os.PathLike | None = None) ->
     study = study_or_name
     if isinstance(study_or_name, str):
         try:
-            study = optuna.load_study(study_name=study_or_name, storage=storage_url(storage))
+            study = optuna.load_study(study_name=study_or_name, storage=_rdb_storage(storage_url(storage)))
         except KeyError:
             raise ValueError(f"sweep: no study {study_or_name!r} in {storage_url(storage)}") from None
     rows = [leaderboard_row(t) for t in study.get_trials(deepcopy=False) if t.state.name != "WAITING"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 
 from runlora_nb.app.cli import main
+from runlora_nb.assess import export as export_mod
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.integrations.adapters import save_adapter
 from runlora_nb.integrations.inject import apply_runlora
@@ -67,3 +69,27 @@ def test_export_of_a_missing_adapter_is_an_error_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("runlora-nb: error:") and "Traceback" not in err
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tmp_path, capsys, monkeypatch):
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "export"
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--format", "peft",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full_disk(model, tokenizer, tmp, prompts):
+        (tmp / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(export_mod, "_export_peft", full_disk)
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(out) in err and "bytes" in err and "--out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == []

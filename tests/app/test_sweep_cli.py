@@ -48,3 +48,12 @@ def test_cli_values_become_a_search_space():
     assert space.r == (4, 16, False) and space.lr == (1e-4, 1e-2, True) and space.alpha_over_r == [1.0, 2.0]
     assert space.targets == ["all-linear", ("q_proj", "v_proj")] and space.quantization is None
     assert space.dropout == 0.0 and space.backend == "peft"
+
+
+def test_cli_sweep_storage_that_is_not_a_database_is_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    assert main([*_args(tmp_path), "--storage", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "is not a SQLite database" in err and "Traceback" not in err
+    assert notes.read_text() == "not a database\n"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, modeling_utils
 
 from runlora_nb.assess import export as export_mod
 from runlora_nb.assess.export import export_model
@@ -151,3 +155,48 @@ def test_a_non_empty_folder_that_is_not_an_earlier_export_is_refused(tmp_path):
 
     forced = export_model(model, tok, out, "peft", verbose=False, force=True)
     assert "notes.txt" not in forced.files and not (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_files_get_the_usual_modes_under_the_umask(tmp_path, mask):
+    """The merged folder's model.safetensors was 0600 while the rest was 0644."""
+    model, tok = tuned_llama()
+    old = os.umask(mask)
+    try:
+        result = export_model(model, tok, tmp_path / "merged", "merged", verbose=False)
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((result.path / name).stat().st_mode) for name in result.files}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(result.files, 0o666 & ~mask)
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o777 & ~mask
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "model.safetensors"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+    ids=["oserror", "safetensors"],
+)
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_export(tmp_path, monkeypatch, error):
+    """A full disk during export gave a raw traceback (safetensors reports it as SafetensorError)."""
+    model, tok = tuned_llama()
+    out = tmp_path / "merged"
+    export_model(model, tok, out, "merged", verbose=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a shard")
+        raise error
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(ValueError, match="not enough disk space") as info:
+        export_model(model, tok, out, "merged", verbose=False)
+    message = str(info.value)
+    assert str(out) in message and "--out" in message and "Free some space" in message
+    needed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    assert f"{needed:,} bytes" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and no_leftovers(out)

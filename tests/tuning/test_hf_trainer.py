@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import peft
 import pytest
@@ -134,3 +135,81 @@ def test_sft_trainer_run_is_recorded(tmp_path):
     run = load_run(cb.id, tmp_path / "runs")
     assert run.status == "finished" and list(run.steps["step"]) == [1, 2, 3, 4]
     assert run.steps["train_loss"].map(math.isfinite).all() and run.config["backend"] == "runlora"
+
+
+@pytest.mark.parametrize("backend", ["runlora", "peft"])
+def test_the_record_names_the_zoo_model_and_the_adapter_settings(tmp_path, backend):
+    """A zoo model was recorded with a blank model name and no adapter settings."""
+    from transformers import Trainer
+
+    model, tok = load_model("tiny-llama")
+    if backend == "runlora":
+        apply_runlora(model, r=4, alpha=8, dropout=0.1, target_modules="all-linear")
+        targets = "all-linear"
+    else:
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["v_proj", "q_proj"])
+        model = get_peft_model(model, lora)
+        targets = ["q_proj", "v_proj"]
+    args = _args(tmp_path)
+    args.eval_strategy, args.max_steps = "no", 1
+    cb = LedgerCallback(root=tmp_path / "runs")
+    train = Rows(make_dataset("sonnets", tok, 32, "train"), 4)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[cb]).train()
+    c = load_run(cb.id, tmp_path / "runs").config
+    assert c["model"] == "tiny-llama"
+    assert c["adapter"] == {"r": 4, "alpha": 8, "dropout": pytest.approx(0.1), "targets": targets}
+    assert c["targets"] == targets and c["modules"] > 0
+    assert list_runs(tmp_path / "runs").iloc[0]["model"] == "tiny-llama"
+
+
+def test_tokens_per_second_leaves_out_the_time_spent_evaluating(tmp_path):
+    """The step logged after an evaluation counted the evaluation's time as training time."""
+    from transformers import Trainer, TrainerCallback
+
+    class SlowEval(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kw):
+            time.sleep(0.5)  # 2 batches: each evaluation takes over a second
+
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    train = Rows(make_dataset("sonnets", tok, 32, "train"), 8)
+    val = Rows(make_dataset("sonnets", tok, 32, "validation"), 4)
+    cb = LedgerCallback(root=tmp_path / "runs")
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=train, eval_dataset=val,
+                      callbacks=[cb, SlowEval()])  # fmt: skip
+    trainer.train()
+    steps = load_run(cb.id, tmp_path / "runs").steps.set_index("step")
+    assert steps.step_s[3] < 0.5  # step 3 follows the evaluation at step 2
+    assert steps.tokens_per_s[3] > 0.2 * steps.tokens_per_s.median()
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")],
+    ids=["ctrl-c", "error"],
+)
+def test_a_run_that_train_ends_by_raising_is_not_left_running(tmp_path, error, status):
+    """Ctrl-C during trainer.train() skips on_train_end: the run stayed "running" in the live kernel."""
+    from transformers import Trainer, TrainerCallback
+
+    class RaiseAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise error("boom")
+
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    train = Rows(make_dataset("sonnets", tok, 32, "train"), 8)
+    cb = LedgerCallback(root=tmp_path / "runs")
+    args = _args(tmp_path)
+    args.eval_strategy = "no"
+    ends = []
+    cb.subscribe(lambda kind, rec: ends.append(rec["status"]) if kind == "end" else None)
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[cb, RaiseAt2()])
+    with pytest.raises(error):
+        trainer.train()
+    run = load_run(cb.id, tmp_path / "runs")
+    assert run.status == status and run.state["status"] == status  # status.json itself, for other readers
+    assert run.state["step"] == 2 and run.state["message"]
+    assert ends == [status]
+    assert list_runs(tmp_path / "runs").iloc[0]["status"] == status

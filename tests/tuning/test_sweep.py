@@ -299,3 +299,71 @@ def test_each_trial_reports_its_own_peak_not_the_high_water_mark_of_the_trials_b
     first, second = df.sort_values("trial").peak_mem_bytes.tolist()
     assert first >= big, f"the first trial's peak {first} misses its 600 MiB block"
     assert second < first - big // 2, f"the second trial inherited the first one's peak ({second} vs {first})"
+
+
+def test_a_storage_that_is_not_a_database_is_refused_with_the_fix(tmp_path):
+    """A text file given as the storage gave a raw SQLAlchemy error."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"notes\.txt' is not a SQLite database.*new file name.*--storage"):
+        open_study("s", notes, GRID)
+    with pytest.raises(ValueError, match="is not a SQLite database"):
+        run_sweep("tiny-llama", "sonnets", GRID, 2, 1, "s", notes, config=_config(tmp_path))
+    assert notes.read_text() == "my notes\n"
+    open_study("s", tmp_path / "new.db", GRID)  # a new (empty) file becomes a database
+    assert open_study("s", tmp_path / "new.db", GRID).study_name == "s"
+
+
+def test_sweeps_creating_one_new_storage_at_once_all_succeed(tmp_path):
+    """Sweeps opening one new storage at the same time hit "table ... already exists" / UNIQUE errors."""
+    errors = []
+
+    def open_one(db):
+        try:
+            open_study("s", db, GRID)
+        except Exception as err:  # collected, shown by the assert
+            errors.append(f"{type(err).__name__}: {err}"[:200])
+
+    for k in range(3):
+        db = tmp_path / f"s{k}.db"
+        threads = [threading.Thread(target=open_one, args=(db,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [s.study_name for s in optuna.get_all_study_summaries(storage_url(db))] == ["s"]
+    assert errors == []
+
+
+def test_a_grid_point_another_worker_is_running_is_not_trained_again(tmp_path):
+    """Two workers on one grid: once every point had started, the idle one trained a running point again."""
+    space = SearchSpace(r=[2, 4], lr=[3e-3])
+    db, kwargs = tmp_path / "g.db", {"config": _config(tmp_path), "pruner": None}
+    started, release = threading.Event(), threading.Event()
+
+    class HoldTheFirstTrial(Callback):
+        def on_start(self, trainer, event):
+            started.set()
+            assert release.wait(120)
+
+    other = threading.Thread(
+        target=run_sweep,
+        args=("tiny-llama", "sonnets", space, 2, 2, "g", db),
+        kwargs={**kwargs, "callbacks": [HoldTheFirstTrial()]},
+    )
+    other.start()  # worker 1: trial 0, held running on its grid point
+    try:
+        assert started.wait(120)
+        mine = run_sweep("tiny-llama", "sonnets", space, 2, 2, "g", db, **kwargs)  # worker 2
+    finally:
+        release.set()
+        other.join()
+    assert sorted(mine.status) == ["complete", "duplicate", "running"]
+    duplicate = mine[mine.status == "duplicate"].iloc[0]
+    assert duplicate.run_id is None or duplicate.run_id != duplicate.run_id  # nothing was trained
+    board = leaderboard("g", db)
+    assert sorted(board.status) == ["complete", "complete", "duplicate"]
+    trained = board[board.status == "complete"]
+    assert sorted(trained.r) == [2, 4]  # each grid point trained once
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert sorted(trained.run_id) == runs
