@@ -48,7 +48,7 @@ browser-deps:
 
 lock: install
 	$(PIP) install -q uv
-	UV=$(VENV)/bin/uv scripts/lock.sh
+	UV=$(VENV)/bin/uv scripts/lock.sh --upgrade
 
 # Not part of CI: the newest releases the floors in pyproject.toml admit. Failures here are future work.
 test-latest: browser-deps
