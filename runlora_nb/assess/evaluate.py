@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..assets.hf import greedy_continuation
 from ..common.paths import atomic_write_text
 from ..integrations.adapter_switch import adapters_disabled
 
@@ -206,14 +207,7 @@ def _generate(
     with _eval_mode(model):
         for prompt in prompts:
             ids = {k: v.to(device) for k, v in _encode(tokenizer, prompt, chat).items()}
-            out = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            texts.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            texts.append(greedy_continuation(model, tokenizer, ids, max_new_tokens))
     return texts
 
 

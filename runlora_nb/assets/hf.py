@@ -22,6 +22,7 @@ __all__ = [
     "TASKS",
     "Progress",
     "auto_class",
+    "greedy_continuation",
     "hub_offline",
     "quiet_transformers",
     "resolve_dtype",
@@ -151,3 +152,22 @@ def resolve_progress(name: str, progress: Progress | None) -> Progress:
             print(f"[runlora_nb] {name}: {stage}", flush=True)
 
     return report
+
+
+def greedy_continuation(model: Any, tokenizer: Any, ids: dict[str, torch.Tensor], max_new_tokens: int) -> str:
+    """The greedy continuation of one encoded prompt, decoded without the prompt or special tokens.
+
+    Args:
+        model: a transformers causal LM (its mode is left as it is).
+        tokenizer: its tokenizer (pad and eos ids are passed to ``generate``).
+        ids: the encoded prompt, ``input_ids`` (1, T) and optionally ``attention_mask``, on the model's device.
+        max_new_tokens: the most tokens to generate.
+    """
+    out = model.generate(
+        **ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # (1, T + new)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

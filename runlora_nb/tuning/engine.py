@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..assets.hf import greedy_continuation
 from ..common.sysmem import peak_rss_bytes
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
@@ -325,15 +326,7 @@ class FineTuner:
         try:
             texts = []
             for prompt in prompts:
-                ids = tok(prompt, return_tensors="pt")
-                out = self.model.generate(
-                    **ids,
-                    max_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                texts.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+                texts.append(greedy_continuation(self.model, tok, dict(tok(prompt, return_tensors="pt")), n))
             return texts
         finally:
             self.model.train()

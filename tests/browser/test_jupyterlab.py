@@ -27,6 +27,7 @@ import nbformat
 import pytest
 
 from runlora_nb.core.chains import valid_pairs
+from runlora_nb.measure.layer_race import TWIN_SPREAD_LIMIT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -436,10 +437,15 @@ def test_dashboard_in_jupyterlab(jupyterlab):
                 if spreads[-1] <= 0.10:
                     break
             stages.figures["noise check: largest |median/mean - 1| per attempt"] = spreads
-            assert spreads[-1] <= 0.10, (
+            # on a machine other processes keep busy no race is quiet: then the panel must say so (its twin
+            # spread note, the measurements' own warning) rather than present noise as a result
+            status = race.locator(".runlora-status").first.inner_text()
+            twin_spread = max(medians.values()) / min(medians.values()) - 1
+            assert spreads[-1] <= 0.10 or (twin_spread > TWIN_SPREAD_LIMIT and "twin spread" in status), (
                 f"noise check: the four copies of one layer missed ±10% of their mean in {NOISE_ATTEMPTS} races "
                 f"(largest deviation per race {spreads}; last medians (s) {medians}; load average "
-                f"{os.getloadavg()})"
+                f"{os.getloadavg()}) and the panel did not report a twin spread above {TWIN_SPREAD_LIMIT:.0%} "
+                f"(status: {status!r})"
             )
 
             # nothing failed: no widget left loading, no error or stderr output, no panel error shown
