@@ -126,7 +126,7 @@ def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) ->
     given = Path(run_id)
     if is_run_folder(given):
         return given
-    path = runs_root(root) / str(run_id)
+    path = runs_root(root, create=False) / str(run_id)
     if is_run_folder(path):
         return path
     for found in (given, path):
@@ -138,7 +138,7 @@ def run_dir(run_id: str | os.PathLike, root: str | os.PathLike | None = None) ->
             "from `runlora-nb runs list`"
         )
     raise ValueError(
-        f"runs: no run {str(run_id)!r} under {runs_root(root)}; `runlora-nb runs list` shows the ids"
+        f"runs: no run {str(run_id)!r} under {runs_root(root, create=False)}; `runlora-nb runs list` shows the ids"
     )
 
 

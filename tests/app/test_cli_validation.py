@@ -77,6 +77,13 @@ def test_runs_list_of_a_missing_folder_says_so_and_creates_nothing(tmp_path, cap
     assert list_runs(missing).empty and not missing.exists()
 
 
+@pytest.mark.parametrize("command", [["show", "some-run"], ["rm", "some-run"]])
+def test_runs_show_and_rm_in_a_missing_folder_create_nothing(tmp_path, capsys, command):
+    missing = tmp_path / "typo"
+    assert main(["runs", *command, "--runs-dir", str(missing)]) == 2
+    assert "no run 'some-run'" in capsys.readouterr().err and not missing.exists()
+
+
 def test_runs_list_prints_the_start_to_the_second(tmp_path, capsys):
     import json
 
