@@ -8,6 +8,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .argtypes import dropout, positive_float, positive_int
 
@@ -57,6 +58,15 @@ def _export(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.format, args.out, dtype=args.dtype, force=args.force
     )
     print(f"{result.format} export: {result.path} ({', '.join(result.files)})")
+    if not result.parity.get("ok", True):
+        # one line, not a traceback: the figures are in the parity line above and in parity.json
+        failed = ", ".join(result.parity["failed"])
+        print(
+            f"runlora-nb: error: export parity failed ({failed}): {result.path} does not behave like the tuned "
+            f"model; see {result.path / 'parity.json'} (the export is kept for inspection)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -7,7 +7,7 @@ and only then is the folder renamed into place, so a failed export leaves nothin
 Example:
     >>> model, tok = load_model("tiny-llama"); apply_runlora(model, r=4)
     >>> result = export_model(model, tok, "out/merged", "merged")
-    >>> result.parity["max_logit_diff"]
+    >>> result.parity["ok"], result.parity["failed"]
 """
 
 from __future__ import annotations
@@ -280,8 +280,15 @@ def _export_peft(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict[s
     from ..integrations.adapters import save_adapter
 
     save_adapter(model, tmp)
+    reloaded_tok = None
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(tmp)
+        from transformers import AutoTokenizer
+
+        from ..assets.hf import quiet_transformers
+
+        with quiet_transformers():
+            tokenizer.save_pretrained(tmp)
+            reloaded_tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
     base = base_copy(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -293,6 +300,7 @@ def _export_peft(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict[s
         dtype=_weight_dtype(model),
         label="peft",
         prompts=prompts,
+        candidate_tokenizer=reloaded_tok,
         causal=_causal(model),
     )
 
@@ -351,6 +359,8 @@ def export_model(
 
     Returns:
         An :class:`ExportResult`; ``parity.json`` and the manifest ``runlora_export.json`` are in the folder.
+        A failed parity check (``result.parity["ok"]`` False, a :class:`~.parity.ParityWarning`) still writes
+        the export, so that it can be inspected; the CLI then exits non-zero.
 
     Raises:
         ValueError: unknown format, missing tokenizer, a non-llama model for GGUF, an unwritable destination,

@@ -6,9 +6,11 @@ import errno
 import json
 
 import pytest
+import torch
 
 from runlora_nb.app.cli import main
 from runlora_nb.assess import export as export_mod
+from runlora_nb.assess.parity import ParityWarning
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.integrations.adapters import save_adapter
 from runlora_nb.integrations.inject import apply_runlora
@@ -93,3 +95,31 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tmp_pat
     assert str(out) in err and "bytes" in err and "--out" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")] == []
+
+
+def test_export_whose_artefact_fails_parity_exits_non_zero_with_one_line(tmp_path, capsys, monkeypatch):
+    """A broken artefact (the last block's MLP zeroed on the way out) used to print "parity ... OK"."""
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    merged_copy = export_mod.merged_copy
+
+    def broken_copy(model):
+        copy = merged_copy(model)
+        with torch.no_grad():
+            for p in copy.model.layers[-1].mlp.parameters():
+                p.zero_()
+        return copy
+
+    monkeypatch.setattr(export_mod, "merged_copy", broken_copy)
+    out = tmp_path / "export"
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--format", "merged",
+            "--out", str(out)]  # fmt: skip
+    with pytest.warns(ParityWarning):
+        assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "parity merged (float32): FAILED (logit" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("runlora-nb: error: export parity failed (logit")
+    assert str(out / "parity.json") in err[0] and "Traceback" not in captured.err
+    assert json.loads((out / "parity.json").read_text())["ok"] is False

@@ -73,7 +73,7 @@ def test_gguf_export_reads_back_and_matches(tmp_path, dtype, torch_dtype, ggml):
     result = export_model(model, tok, tmp_path / "g", "gguf", dtype=dtype, verbose=False)
     assert {"model.gguf", "Modelfile", "parity.json"} <= set(result.files)
     assert result.artefact == tmp_path / "g" / "model.gguf" and result.parity["file"] == "model.gguf"
-    assert result.parity["within_tolerance"] and result.parity["greedy_agreement"] == 1.0
+    assert result.parity["ok"] and result.parity["greedy_agreement"] == 1.0
     assert result.parity["tokenizer_match"] is True
 
     reader = gguf.GGUFReader(result.artefact)
@@ -135,14 +135,14 @@ def test_gguf_export_gqa_and_tied_embeddings(tmp_path):
     assert relative_diff(merged_copy(model), reloaded, ids) <= bound(torch.float32, model.config)
 
 
-def test_gguf_export_of_a_bf16_model_as_f32_uses_the_bf16_tolerance(tmp_path):
-    """The reference computes in bf16: its rounding, not f32's, sets the parity tolerance (no ParityWarning)."""
+def test_gguf_export_of_a_bf16_model_as_f32_uses_the_bf16_bound(tmp_path):
+    """The reference computes in bf16: its rounding, not f32's, sets the parity bound (no ParityWarning)."""
     model, tok = load_model("tiny-llama")
     model = with_adapters(model.to(torch.bfloat16))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParityWarning)
         result = export_model(model, tok, tmp_path / "g", "gguf", dtype="f32", verbose=False)
-    assert result.parity["dtype"] == "bfloat16" and result.parity["within_tolerance"]
+    assert result.parity["dtype"] == "bfloat16" and result.parity["ok"]
     assert result.parity["gguf_dtype"] == "f32"
 
 
