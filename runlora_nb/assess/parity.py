@@ -26,10 +26,12 @@ __all__ = [
     "LOGIT_DEPTH",
     "PARITY_PROMPTS",
     "PPL_RTOL",
+    "TOKENIZER_TEXTS",
     "ParityWarning",
     "format_parity",
     "logit_bound",
     "parity_report",
+    "tokenizer_parity",
     "write_parity",
 ]
 
@@ -40,6 +42,20 @@ PARITY_PROMPTS: tuple[str, ...] = (
     "Shall I compare thee to a summer's day?",
 )
 PARITY_FILE = "parity.json"
+
+#: Texts the exported tokenizer must encode exactly as the tuned model's does: the cases where tokenizers
+#: part ways (contractions, digit runs, accents and CJK, code, whitespace runs, an empty string); the
+#: tokenizer's own special tokens are added by :func:`tokenizer_parity`.
+TOKENIZER_TEXTS: tuple[str, ...] = (
+    *PARITY_PROMPTS,
+    "Shall I compare thee to a summer's day? It's, we'll, they're, don't, I'd",
+    "12345 3.14159 1,000,000 2026-12-08 0x1F",
+    "naïve café 北京 Ünïcödé — “quotes” emoji 🙂",
+    "def f(x): return x**2\n\tif x != 0:\n\t\tprint(f'{x=}')",
+    "two  spaces,   three,\t\ttabs,\n\n\nnewlines   ",
+    " leading space",
+    "",
+)
 
 
 class ParityWarning(UserWarning):
@@ -97,6 +113,30 @@ def logit_bound(dtype: torch.dtype, config: Any) -> float:
     """
     hidden, _ = _dims(config)
     return rounding_bound(_known(dtype), hidden, LOGIT_DEPTH, accumulate=dtype)
+
+
+def tokenizer_parity(
+    reference: Any, candidate: Any, texts: Sequence[str] = TOKENIZER_TEXTS
+) -> tuple[bool, str | None]:
+    """Whether ``candidate`` encodes every text to the same ids as ``reference``, and the first that differs.
+
+    The texts are ``texts`` plus one made of the reference's special tokens (BOS, EOS, padding, ...) around
+    plain words, so a special token the export lost or split shows up too.
+
+    Args:
+        reference: the tuned model's tokenizer.
+        candidate: the exported artefact's tokenizer.
+        texts: the texts to encode.
+
+    Returns:
+        ``(True, None)`` when all agree, else ``(False, text)`` with the first differing text.
+    """
+    specials = [t for t in getattr(reference, "all_special_tokens", []) if t]
+    extra = (" word ".join(specials) + " end",) if specials else ()
+    for text in (*texts, *extra):
+        if list(candidate(text)["input_ids"]) != list(reference(text)["input_ids"]):
+            return False, text
+    return True, None
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -168,7 +208,8 @@ def parity_report(
     - ``argmax``: next-token argmax agreement on teacher-forced positions ≥ :data:`ARGMAX_MIN` of ``dtype``;
     - ``greedy`` (causal): each prompt's ``new_tokens`` greedy tokens agree, or first part at a near-tie of
       the reference (top-2 margin ≤ 2 · bound · RMS(z));
-    - ``perplexity`` (causal): ``|ppl_c / ppl_r − 1|`` ≤ :data:`PPL_RTOL` of ``dtype``.
+    - ``perplexity`` (causal): ``|ppl_c / ppl_r − 1|`` ≤ :data:`PPL_RTOL` of ``dtype``;
+    - ``tokenizer`` (when ``candidate_tokenizer`` is given): same ids on every text of :func:`tokenizer_parity`.
 
     Args:
         reference: the in-memory tuned model.
@@ -178,7 +219,8 @@ def parity_report(
         label: what is compared, e.g. ``"merged"``, for messages.
         prompts: the fixed prompt set.
         new_tokens: greedy tokens generated per prompt (causal LMs).
-        candidate_tokenizer: the artefact's tokenizer, to check it encodes like the original.
+        candidate_tokenizer: the artefact's tokenizer, to check it encodes ``prompts`` and
+            :data:`TOKENIZER_TEXTS` like the original (:func:`tokenizer_parity`).
         causal: False for classification heads (no perplexity or generation; logits and argmax only).
 
     Returns:
@@ -186,7 +228,7 @@ def parity_report(
         ``logit_bound``, ``max_logit_diff`` (for information), ``argmax_agreement``, ``argmax_min``,
         ``greedy_agreement`` (fraction of generated tokens), ``greedy_match`` (per the rule above),
         ``ppl_reference``, ``ppl_export``, ``ppl_change`` (relative), ``ppl_rtol``, ``tokenizer_match``,
-        ``dtype``, ``prompts``.
+        ``tokenizer_first_difference`` (the first text encoded differently, or None), ``dtype``, ``prompts``.
 
     Raises:
         TypeError: ``dtype`` is not float32, float16 or bfloat16.
@@ -201,11 +243,8 @@ def parity_report(
         greedy_match = True
         nll_r = nll_c = 0.0
         n_tok = 0
-        tok_match = True
         for prompt in prompts:
             ids = torch.as_tensor(tokenizer(prompt)["input_ids"], dtype=torch.long)
-            if candidate_tokenizer is not None:
-                tok_match &= list(candidate_tokenizer(prompt)["input_ids"]) == ids.tolist()
             lr, lc = _logits(reference, ids), _logits(candidate, ids)
             diff = max(diff, float((lr - lc).abs().max()))
             sq_diff += float(((lr - lc).double() ** 2).sum())
@@ -226,6 +265,11 @@ def parity_report(
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])
+    tok_match, tok_diff = (
+        tokenizer_parity(tokenizer, candidate_tokenizer, (*prompts, *TOKENIZER_TEXTS))
+        if candidate_tokenizer is not None
+        else (True, None)
+    )
     rel = math.sqrt(sq_diff / sq_ref) if sq_ref else (0.0 if sq_diff == 0 else math.inf)
     ppl_r, ppl_c = _ppl(nll_r, n_tok), _ppl(nll_c, n_tok)
     ppl_change = (ppl_c - ppl_r) / ppl_r if causal and ppl_r else None
@@ -256,6 +300,7 @@ def parity_report(
         "ppl_change": ppl_change,
         "ppl_rtol": PPL_RTOL[dtype] if causal else None,
         "tokenizer_match": tok_match if candidate_tokenizer is not None else None,
+        "tokenizer_first_difference": tok_diff,
     }
     if failed:
         warnings.warn(
@@ -281,6 +326,8 @@ def format_parity(report: dict[str, Any]) -> str:
         ("tokenizer", f"tokenizer_match={report['tokenizer_match']}"),
     ]
     parts = [text + (" FAILED" if name in failed else "") for name, text in figures]
+    if report.get("tokenizer_first_difference") is not None:
+        parts[-1] += f" (first differing text {report['tokenizer_first_difference']!r})"
     status = "OK" if report["ok"] else "FAILED (" + ", ".join(report["failed"]) + ")"
     return f"parity {report['export']} ({report['dtype']}): {status}; " + ", ".join(parts)
 

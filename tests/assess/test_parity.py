@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -12,10 +13,12 @@ from runlora_nb.assess.export import merged_copy
 from runlora_nb.assess.parity import (
     ARGMAX_MIN,
     PPL_RTOL,
+    TOKENIZER_TEXTS,
     ParityWarning,
     format_parity,
     logit_bound,
     parity_report,
+    tokenizer_parity,
 )
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.common.numerics import unit_roundoff
@@ -95,3 +98,38 @@ def test_the_bound_comes_from_the_dtype_and_hidden_size_not_the_logit_scale():
     assert check(big, ref, tok)["ok"]
     with pytest.raises(TypeError, match=r"parity: no parity thresholds for dtype torch\.int8"):
         logit_bound(torch.int8, model.config)
+
+
+def test_a_tokenizer_that_splits_one_text_differently_fails_and_names_it():
+    """The parity prompts alone never reach the text where the two tokenizers part."""
+    model, tok = tuned_llama()
+    other = copy.deepcopy(tok)
+    other.add_tokens(["北京"])  # one more vocabulary entry: only texts containing it encode differently
+    assert tokenizer_parity(tok, copy.deepcopy(tok)) == (True, None)
+    report = parity_report(
+        model, merged_copy(model), tok, dtype=torch.float32, label="t", candidate_tokenizer=copy.deepcopy(tok)
+    )
+    assert report["ok"] and report["tokenizer_match"] is True and report["tokenizer_first_difference"] is None
+    with pytest.warns(ParityWarning, match="FAILED \\(tokenizer\\)"):
+        report = parity_report(
+            model, merged_copy(model), tok, dtype=torch.float32, label="t", candidate_tokenizer=other
+        )
+    assert (
+        report["failed"] == ["tokenizer"]
+        and report["tokenizer_first_difference"] == "naïve café 北京 Ünïcödé — “quotes” emoji 🙂"
+    )
+    assert "first differing text 'naïve café 北京" in format_parity(report)
+
+
+def test_the_special_tokens_are_checked_too():
+    """A tokenizer that lost a special token (reads it as nothing) agrees on every plain text."""
+    _, tok = tuned_llama()
+    specials = [t for t in tok.all_special_tokens if t]
+    assert specials  # tiny-llama has BOS/EOS
+
+    def lost(text):
+        return tok(text.replace(specials[0], ""))
+
+    assert all(lost(t)["input_ids"] == tok(t)["input_ids"] for t in TOKENIZER_TEXTS)
+    same, text = tokenizer_parity(tok, lost)
+    assert not same and specials[0] in text
