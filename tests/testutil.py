@@ -22,3 +22,17 @@ def pypi_reachable() -> bool:
             return True
     except OSError:
         return False
+
+
+def tuned_llama(r: int = 4):
+    """tiny-llama with trained-looking (non-zero) adapters: the tuned model differs from the base."""
+    from runlora_nb.assets.zoo import load_model
+    from runlora_nb.integrations.inject import apply_runlora, runlora_layers
+
+    model, tok = load_model("tiny-llama")
+    apply_runlora(model, r=r, alpha=2 * r, target_modules="all-linear")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in runlora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
+    return model.eval(), tok

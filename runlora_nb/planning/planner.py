@@ -150,7 +150,8 @@ class ChainPlan:
 
 
 _lock = threading.Lock()
-# Plans of this process, least recently used first. Bounded: a run with many distinct sequence lengths (one key
+# Plans of this process, oldest first (a hit does not reorder: the hit path stays one dict lookup). Bounded: a run
+# with many distinct sequence lengths (one key
 # per N) must not grow it without end.
 MEMORY_PLANS = 4096
 _memory: OrderedDict[PlanKey, ChainPlan] = OrderedDict()

@@ -11,24 +11,14 @@ import peft
 import pytest
 import torch
 from safetensors import SafetensorError
+from testutil import tuned_llama
 from transformers import AutoModelForCausalLM, modeling_utils
 
 from runlora_nb.assess import export as export_mod
 from runlora_nb.assess.export import export_model
 from runlora_nb.assess.parity import ParityWarning, logit_bound, parity_report
 from runlora_nb.assets.zoo import load_model
-from runlora_nb.integrations.inject import apply_runlora, get_peft_model, runlora_layers
-
-
-def tuned_llama(r: int = 4):
-    """tiny-llama with trained-looking (non-zero) adapters: the tuned model differs from the base."""
-    model, tok = load_model("tiny-llama")
-    apply_runlora(model, r=r, alpha=2 * r, target_modules="all-linear")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in runlora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
-    return model.eval(), tok
+from runlora_nb.integrations.inject import get_peft_model, runlora_layers
 
 
 def logits(model, tok, text="Shall I compare thee"):

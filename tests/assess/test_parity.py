@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from testutil import tuned_llama
 
 from runlora_nb.assess.export import merged_copy
 from runlora_nb.assess.parity import (
@@ -20,20 +21,7 @@ from runlora_nb.assess.parity import (
     parity_report,
     tokenizer_parity,
 )
-from runlora_nb.assets.zoo import load_model
 from runlora_nb.common.numerics import unit_roundoff
-from runlora_nb.integrations.inject import apply_runlora, runlora_layers
-
-
-def tuned_llama(r: int = 4):
-    """tiny-llama with trained-looking (non-zero) adapters."""
-    model, tok = load_model("tiny-llama")
-    apply_runlora(model, r=r, alpha=2 * r, target_modules="all-linear")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in runlora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
-    return model.eval(), tok
 
 
 def check(model, candidate, tok, dtype=torch.float16):
