@@ -160,6 +160,7 @@ _disk: dict[str, dict] | None = None
 FLUSH_DELAY_S = 2.0
 _dirty = False
 _flush_timer: threading.Timer | None = None
+_write_lock = threading.Lock()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -192,14 +193,17 @@ def _save_disk(key: PlanKey, plan: ChainPlan) -> None:
 def flush() -> None:
     """Write the plans made since the last write to ``plans.json`` (the timer and interpreter exit call it)."""
     global _dirty, _flush_timer
-    with _lock:
-        _flush_timer = None
-        if not _dirty or _disk is None:
-            return
-        text = json.dumps(_disk, indent=0, sort_keys=True)
-        _dirty = False
-    with contextlib.suppress(OSError):  # a read-only cache dir only costs re-planning in the next process
-        atomic_write_text(cache_dir() / _CACHE_FILE, text)
+    # one writer at a time, snapshot and write together: a slower flush must not land an older snapshot over a
+    # newer one (the timer and an explicit flush can run at once); planning itself only waits for the snapshot
+    with _write_lock:
+        with _lock:
+            _flush_timer = None
+            if not _dirty or _disk is None:
+                return
+            text = json.dumps(_disk, indent=0, sort_keys=True)
+            _dirty = False
+        with contextlib.suppress(OSError):  # a read-only cache dir only costs re-planning in the next process
+            atomic_write_text(cache_dir() / _CACHE_FILE, text)
 
 
 atexit.register(flush)
@@ -251,13 +255,21 @@ def _from_disk(key: PlanKey) -> ChainPlan | None:
 
 
 def clear_cache(disk: bool = False) -> None:
-    """Forget every in-memory plan (and the JSON cache file when ``disk``)."""
-    global _disk, _dirty
-    with _lock:
+    """Forget every in-memory plan, and the plans not yet written (and the JSON cache file when ``disk``).
+
+    Waits for a write in progress and cancels the pending one, so no earlier plan lands in the file afterwards
+    (a hand-edited file, or the cache of whatever ``RUNLORA_NB_CACHE`` names by then, stays as it is).
+    """
+    global _disk, _dirty, _flush_timer
+    with _write_lock, _lock:
+        if _flush_timer is not None:
+            _flush_timer.cancel()
+            _flush_timer = None
+        _dirty = False
         _memory.clear()
         if disk:
             (cache_dir() / _CACHE_FILE).unlink(missing_ok=True)
-            _disk, _dirty = None, False
+            _disk = None
 
 
 def _candidates(dropout: float, allow_merged: bool) -> list[tuple[str, str]]:

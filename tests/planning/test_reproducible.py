@@ -170,6 +170,7 @@ def test_plans_from_another_runlora_version_are_not_reused(fresh_cache):
     (cache_dir() / "plans.json").write_text(json.dumps({old.as_str(): stale}))
     planner.clear_cache()
     assert planner.plan_chains(64, 32, 48, 4, mode="auto").reason != "stale"
+    planner.flush()  # the new plan's pending write lands now, not over the file edited below
     # while the same entry under this version's key is reused
     (cache_dir() / "plans.json").write_text(json.dumps({key.as_str(): stale}))
     planner.clear_cache()
