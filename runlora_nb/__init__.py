@@ -9,7 +9,7 @@ One-line adoption::
     apply_runlora(model, r=16)     # or inject RunLoRA layers into a transformers model
 
 Layers, bottom up (imports only point down; see docs/architecture.md): ``common`` < ``core`` < ``planning`` <
-``nn`` < ``integrations`` < ``assets`` < ``measure`` < ``tuning`` < ``assess`` < ``app``; the panels in ``runlora_nb.widgets``
+``nn`` < ``integrations`` < ``assets`` < ``measure`` < ``train`` < ``ledger`` < ``assess`` < ``app``; the panels in ``runlora_nb.widgets``
 sit on top and the core never imports them.
 """
 

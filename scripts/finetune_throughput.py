@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from dataclasses import replace
 
-from runlora_nb.tuning import FineTuneConfig, FineTuner
+from runlora_nb.train import FineTuneConfig, FineTuner
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import argparse
 import tempfile
 from dataclasses import replace
 
-from runlora_nb.tuning import FineTuneConfig, FineTuner
+from runlora_nb.train import FineTuneConfig, FineTuner
 
 SETTINGS = {"fp32": ("fp32", None, 1e-5), "bf16": ("bf16", None, 1e-2), "nf4": ("fp32", "nf4", 1e-2)}
 

@@ -35,7 +35,7 @@ def test_core_never_imports_ui_packages_or_the_widgets():
 
 def test_importing_the_core_loads_no_ui_package():
     code = (
-        "import sys, runlora_nb, runlora_nb.measure, runlora_nb.tuning, runlora_nb.app.report, runlora_nb.app.cli; "
+        "import sys, runlora_nb, runlora_nb.measure, runlora_nb.train, runlora_nb.ledger, runlora_nb.app.report, runlora_nb.app.cli; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {UI!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,12 +1,14 @@
-"""Fine-tune state: run :class:`runlora_nb.tuning.FineTuner` in a background thread and keep its curves.
+"""Fine-tune state: run :class:`runlora_nb.train.FineTuner` in a background thread and keep its curves.
 
-:class:`FineTuneController` is a FineTuner callback: it records each run's steps, evaluations, samples and chain
-plans, can run the same config again with PEFT for an overlay (sequentially, in the same thread), and stops
-within a step. No widget is imported here.
+:class:`FineTuneController` starts each run as a recorded run of the ledger and reads its curves from the
+trainer's own :class:`~runlora_nb.train.History`; a small listener per run forwards its events to the panel's
+subscribers. It can run the same config again with PEFT for an overlay (sequentially, in the same thread), and
+stops within a step. No widget is imported here.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -16,11 +18,16 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.tuning import (
+from runlora_nb.common.metrics import steady_tokens_per_s
+from runlora_nb.ledger.recorded import recorded_tuner
+from runlora_nb.train import (
+    Callback,
     EndEvent,
     EvalEvent,
     FineTuneConfig,
     FineTuner,
+    History,
+    PlansEvent,
     SampleEvent,
     StartEvent,
     StepEvent,
@@ -43,7 +50,7 @@ class FineTuneSettings:
         eval_interval: evaluate every this many steps (0: only at the start and the end).
         compare_peft: after the runlora_nb run, train the same config with PEFT and overlay its curves.
         output_dir: where the trainer saves the adapter at the end (None: a fresh run folder in the cache).
-        overrides: other :class:`~runlora_nb.tuning.FineTuneConfig` fields (e.g. ``sample_prompts``).
+        overrides: other :class:`~runlora_nb.train.FineTuneConfig` fields (e.g. ``sample_prompts``).
     """
 
     dataset: str = "sonnets"
@@ -57,37 +64,64 @@ class FineTuneSettings:
 
 @dataclass
 class RunTrace:
-    """What one run (one backend) produced so far.
+    """One run (one backend) as the panel reads it: views over the engine's own :class:`History`.
 
     Attributes:
         backend: ``"runlora"`` or ``"peft"``.
         config: the run's config.
+        history: the run's history (the trainer's, filled as events arrive).
         start: its start event (parameter counts), once prepared.
-        steps: step numbers; ``losses``, ``tokens_per_s`` and ``step_s`` run alongside.
-        val_steps: evaluation steps; ``val_losses`` alongside.
-        samples: ``{"before": [(prompt, text)], "after": [...]}``.
-        plans: the chain plan per module after step 1 (runlora_nb only).
-        end: the end event.
+        plans: the chain plan per module after step 1 (runlora_nb only), as a table.
         stop_requested_at: the last finished step when Stop was pressed (None: not stopped).
     """
 
     backend: str
     config: FineTuneConfig
+    history: History = field(default_factory=History)
     start: StartEvent | None = None
-    steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    tokens_per_s: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)
-    val_steps: list[int] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    samples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     plans: pd.DataFrame | None = None
-    end: EndEvent | None = None
     stop_requested_at: int | None = None
 
     @property
+    def steps(self) -> list[int]:
+        return [s.step for s in self.history.steps]
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.history.steps]
+
+    @property
+    def tokens_per_s(self) -> list[float]:
+        return [s.tokens_per_s for s in self.history.steps]
+
+    @property
+    def step_s(self) -> list[float]:
+        return [s.step_s for s in self.history.steps]
+
+    @property
+    def val_steps(self) -> list[int]:
+        return [e.step for e in self.history.evals]
+
+    @property
+    def val_losses(self) -> list[float]:
+        return [e.val_loss for e in self.history.evals]
+
+    @property
+    def samples(self) -> dict[str, list[tuple[str, str]]]:
+        """``{"before": [(prompt, text)], "after": [...]}``."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for s in list(self.history.samples):
+            out.setdefault(s.stage, []).append((s.prompt, s.text))
+        return out
+
+    @property
+    def end(self) -> EndEvent | None:
+        return self.history.end
+
+    @property
     def step(self) -> int:
-        return self.steps[-1] if self.steps else 0
+        steps = self.history.steps
+        return steps[-1].step if steps else 0
 
     @property
     def median_step_s(self) -> float:
@@ -96,8 +130,40 @@ class RunTrace:
         return statistics.median(times) if times else float("nan")
 
 
+class _RunListener(Callback):
+    """One run's events, forwarded to the controller's subscribers (and Stop checked between steps)."""
+
+    def __init__(self, controller: FineTuneController, trace: RunTrace, stop_run) -> None:
+        self.controller, self.trace, self.stop_run = controller, trace, stop_run
+
+    def on_start(self, event: StartEvent) -> None:
+        self.trace.start = event
+        if self.controller._stop.is_set():
+            self.stop_run()  # Stop pressed while the model was loading (run() clears the trainer's flag)
+        self.controller.listeners.notify("start", event)
+
+    def on_sample(self, event: SampleEvent) -> None:
+        self.controller.listeners.notify("sample", event)
+
+    def on_step(self, event: StepEvent) -> None:
+        if self.controller._stop.is_set():
+            self.stop_run()
+        self.controller.listeners.notify("step", event)
+
+    def on_plans(self, event: PlansEvent) -> None:
+        if self.trace.backend == "runlora":
+            self.trace.plans = pd.DataFrame(list(event.plans))
+            self.controller.listeners.notify("plans", self.trace.plans)
+
+    def on_eval(self, event: EvalEvent) -> None:
+        self.controller.listeners.notify("eval", event)
+
+    def on_end(self, event: EndEvent) -> None:
+        self.controller.listeners.notify("end", event)
+
+
 class FineTuneController:
-    """Start and stop fine-tuning runs; a :class:`~runlora_nb.tuning.FineTuner` callback.
+    """Start and stop fine-tuning runs (each a recorded :class:`~runlora_nb.train.FineTuner` run).
 
     Args:
         picker: the shared :class:`~runlora_nb.widgets.picker.PickerController` (model and LoRA setting);
@@ -218,8 +284,9 @@ class FineTuneController:
             for config in configs:
                 if self._stop.is_set():
                     break
-                trace = RunTrace(config.backend, config)
-                trainer = FineTuner(config, [self])
+                trainer = recorded_tuner(config)
+                trace = RunTrace(config.backend, config, trainer.history)
+                trainer.add_callback(_RunListener(self, trace, trainer.stop))
                 with self._lock:
                     self.runs.append(trace)
                     self.trainers.append(trainer)
@@ -234,47 +301,6 @@ class FineTuneController:
         self.error = text
         self._active = False
         self.listeners.notify("error", text)
-
-    # ----------------------------------------------------------------------------------------- callbacks
-    def _trace(self, trainer: FineTuner) -> RunTrace:
-        with self._lock:
-            for trace, t in zip(self.runs, self.trainers):
-                if t is trainer:
-                    return trace
-        raise RuntimeError("event from a trainer this controller did not start")
-
-    def on_start(self, trainer: FineTuner, event: StartEvent) -> None:
-        self._trace(trainer).start = event
-        if self._stop.is_set():
-            trainer.stop()  # Stop pressed while the model was loading (run() clears the trainer's flag)
-        self.listeners.notify("start", event)
-
-    def on_sample(self, trainer: FineTuner, event: SampleEvent) -> None:
-        self._trace(trainer).samples.setdefault(event.stage, []).append((event.prompt, event.text))
-        self.listeners.notify("sample", event)
-
-    def on_step(self, trainer: FineTuner, event: StepEvent) -> None:
-        trace = self._trace(trainer)
-        trace.steps.append(event.step)
-        trace.losses.append(event.loss)
-        trace.tokens_per_s.append(event.tokens_per_s)
-        trace.step_s.append(event.step_s)
-        if self._stop.is_set():
-            trainer.stop()
-        if event.step == 1 and trace.backend == "runlora":
-            trace.plans = trainer.plans
-            self.listeners.notify("plans", trace.plans)
-        self.listeners.notify("step", event)
-
-    def on_eval(self, trainer: FineTuner, event: EvalEvent) -> None:
-        trace = self._trace(trainer)
-        trace.val_steps.append(event.step)
-        trace.val_losses.append(event.val_loss)
-        self.listeners.notify("eval", event)
-
-    def on_end(self, trainer: FineTuner, event: EndEvent) -> None:
-        self._trace(trainer).end = event
-        self.listeners.notify("end", event)
 
     # ----------------------------------------------------------------------------------------- views
     def progress(self) -> dict[str, Any]:
@@ -294,12 +320,12 @@ class FineTuneController:
             eta = 0.0
         else:
             eta = None if rate != rate else (total - done) * rate  # NaN before the first step
-        tps = (current.tokens_per_s[1:] or current.tokens_per_s) if current else []
+        tps = steady_tokens_per_s(current.tokens_per_s) if current else math.nan
         return {
             "done": done,
             "total": total,
             "eta_s": eta,
-            "tokens_per_s": statistics.median(tps) if tps else None,
+            "tokens_per_s": tps if math.isfinite(tps) else None,
             "backend": current.backend if current else None,
             "loss": current.losses[-1] if current and current.losses else None,
         }

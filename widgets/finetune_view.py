@@ -8,6 +8,8 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from runlora_nb.common.metrics import steady_tokens_per_s
+
 from .chrome import Panel
 from .finetune import FineTuneController, RunTrace
 from .formatting import df_html, ema, fmt_seconds
@@ -203,10 +205,9 @@ class FineTunePanel(Panel):
             elif not run.steps:
                 line += "preparing (model, data, first evaluation, sample)…"
             else:
-                tps = run.tokens_per_s[1:] or run.tokens_per_s
                 line += (
                     f"step {run.step}/{run.config.steps} · loss {run.losses[-1]:.4f} · "
-                    f"{sorted(tps)[len(tps) // 2]:,.0f} tokens/s"
+                    f"{steady_tokens_per_s(run.tokens_per_s):,.0f} tokens/s"
                 )
             parts.append(line)
         if ctl.running and p["eta_s"] is not None:

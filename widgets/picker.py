@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.tuning import FineTuneConfig
+from runlora_nb.train import FineTuneConfig
 
 from .tasks import Listeners
 
@@ -155,7 +155,7 @@ class PickerController:
         return loaded is None or loaded.key != self.choice.load_key
 
     def config(self, **overrides: Any) -> FineTuneConfig:
-        """A :class:`~runlora_nb.tuning.FineTuneConfig` with the picked model and LoRA setting."""
+        """A :class:`~runlora_nb.train.FineTuneConfig` with the picked model and LoRA setting."""
         c = self.choice
         base = {
             "model": c.model,

@@ -1,6 +1,6 @@
 """RunsController: the state behind the Runs tab (no widgets): the ledger's runs, a selection, the comparison.
 
-Drives :mod:`runlora_nb.tuning.runs` (``list_runs``, ``load_run``, ``compare``); tests use it without a browser.
+Drives :mod:`runlora_nb.ledger` (``list_runs``, ``load_run``, ``compare``); tests use it without a browser.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.tuning.run_compare import Comparison, compare
-from runlora_nb.tuning.runs import list_runs, load_run, runs_root
+from runlora_nb.ledger import list_runs, load_run, runs_root
+from runlora_nb.ledger.run_compare import Comparison, compare
 
 from .tasks import Listeners
 

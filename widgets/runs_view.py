@@ -20,7 +20,7 @@ class RunsPanel(Panel):
 
     Train loss is solid (smoothed with the slider; the raw curve stays faint behind it), validation loss dashed
     next to it; a log-scale toggle. Works for every run of the ledger: engine, panel, CLI, sweep trials and
-    Trainer runs recorded by :class:`~runlora_nb.tuning.hf_trainer.LedgerCallback`.
+    Trainer runs recorded by :class:`~runlora_nb.ledger.hf_trainer.LedgerCallback`.
 
     Args:
         controller: the state (default: a new :class:`RunsController` on the default ledger root).

@@ -1,6 +1,6 @@
 """SweepController: the state behind the Sweep tab (no widgets): settings, a background sweep, live curves.
 
-Drives :func:`runlora_nb.tuning.sweep.run_sweep` (optuna, SQLite, every trial a ledger run). An engine callback
+Drives :func:`runlora_nb.ledger.sweep.run_sweep` (optuna, SQLite, every trial a ledger run). An engine callback
 collects each trial's validation curve as it trains; the leaderboard comes from the study.
 
 Events (``subscribe(fn)``, ``fn(kind, payload)``): ``"start"``, ``"trial"`` (a new :class:`TrialCurve`),
@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from runlora_nb.tuning.events import Callback
-from runlora_nb.tuning.space import SearchSpace, parse_values
-from runlora_nb.tuning.sweep import leaderboard, run_sweep
+from runlora_nb.ledger.space import SearchSpace, parse_values
+from runlora_nb.ledger.sweep import leaderboard, run_sweep
+from runlora_nb.train.events import Callback
 
 from .tasks import BackgroundTask, Listeners
 
@@ -69,19 +69,23 @@ class TrialCurve:
 
 
 class _Curves(Callback):
+    """Each trial's validation curve (a sweep runs its trials one after another, so the last started is live)."""
+
     def __init__(self, ctl: SweepController) -> None:
         self.ctl = ctl
+        self._current: TrialCurve | None = None
 
-    def on_start(self, trainer, event) -> None:
-        c = trainer.config
-        run_id = getattr(getattr(trainer, "run_dir", None), "name", None) or f"trial-{len(self.ctl.curves)}"
+    def on_start(self, event) -> None:
+        c = event.config
+        run_id = event.run_id or f"trial-{len(self.ctl.curves)}"
         curve = TrialCurve(run_id, f"r={c.r} lr={c.lr:g} α={c.alpha:g}")
         with self.ctl._lock:
-            self.ctl.curves[id(trainer)] = curve
+            self.ctl.curves[run_id] = curve
+        self._current = curve
         self.ctl.listeners.notify("trial", curve)
 
-    def on_eval(self, trainer, event) -> None:
-        curve = self.ctl.curves.get(id(trainer))
+    def on_eval(self, event) -> None:
+        curve = self._current
         if curve is None:
             return
         with self.ctl._lock:
@@ -205,7 +209,7 @@ class SweepController:
         """The optuna study of the current settings (for optuna's plotly views)."""
         import optuna
 
-        from runlora_nb.tuning.sweep import storage_url
+        from runlora_nb.ledger.sweep import storage_url
 
         return optuna.load_study(study_name=self.settings.study, storage=storage_url(self.settings.storage))
 

@@ -1,6 +1,6 @@
 """TrainerMonitor: live charts of any Hugging Face ``Trainer`` / TRL ``SFTTrainer`` run.
 
-A thin view over :class:`runlora_nb.tuning.hf_trainer.LedgerCallback` (the state and the event source, in the
+A thin view over :class:`runlora_nb.ledger.hf_trainer.LedgerCallback` (the state and the event source, in the
 core): pass ``monitor.callback`` in the trainer's ``callbacks=[...]``, display the monitor, call
 ``trainer.train()``. The run is also recorded in the ledger, so the Runs views and ``runlora-nb runs`` show it
 afterwards.
@@ -16,7 +16,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from runlora_nb.tuning.hf_trainer import LedgerCallback
+from runlora_nb.ledger.hf_trainer import LedgerCallback
 
 from .chrome import Panel
 from .formatting import ema, fmt_seconds

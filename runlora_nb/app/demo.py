@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..ledger.recorded import recorded_tuner
 from ..measure import LayerSpec, race_layer, race_model
-from ..tuning import FineTuneConfig, FineTuner, PrintProgress
+from ..train import FineTuneConfig, PrintProgress
 from .report import layer_race_figure, loss_figure, memory_figure, model_race_figure, write_report
 from .tables import format_layer_table
 
@@ -120,7 +121,7 @@ def run_demo(out_dir: str | Path = "artifacts", fast: bool = False, steps: int |
         eval_interval=max(plan.steps // 4, 1),
         output_dir=str(out / "adapter"),
     )
-    result = FineTuner(cfg, [PrintProgress(every=max(plan.steps // 8, 1))]).run()
+    result = recorded_tuner(cfg, [PrintProgress(every=max(plan.steps // 8, 1))]).run()
     losses, evals = result.losses(), result.eval_table()
     losses.to_csv(out / "losses.csv", index=False)
     samples = pd.DataFrame([{"stage": s.stage, "prompt": s.prompt, "text": s.text} for s in result.samples])

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..tuning.config import FineTuneConfig
+from ..train.config import FineTuneConfig
 from .argtypes import dropout, nonneg_int, positive_float, positive_int
 
 __all__ = ["add_parsers", "handlers"]
@@ -98,7 +98,7 @@ def train_config(args: argparse.Namespace) -> FineTuneConfig:
     Raises:
         ValueError: the YAML is unreadable or names an unknown field, or a value is invalid.
     """
-    from ..tuning.config import config_fields, config_from_fields
+    from ..train.config import config_fields, config_from_fields
 
     data = config_fields(args.config) if args.config is not None else {}
     for dest in _CONFIG_FLAGS:
@@ -113,24 +113,23 @@ def train_config(args: argparse.Namespace) -> FineTuneConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..tuning import FineTuner, PrintProgress
+    from ..ledger.recorded import recorded_tuner, resume_tuner
+    from ..train.events import PrintProgress
 
     if args.resume:
         steps = args.steps or FineTuneConfig.steps
-        tuner = FineTuner.resume(
-            args.resume, [PrintProgress(every=max(steps // 8, 1))], runs_dir=args.runs_dir
-        )
-        print(f"resuming run {tuner.run_dir.name} from step {tuner._resume_state['step']}")
+        tuner = resume_tuner(args.resume, [PrintProgress(every=max(steps // 8, 1))], runs_dir=args.runs_dir)
+        print(f"resuming run {tuner.run_dir.name} from step {tuner.resume_step}")
     else:
         cfg = train_config(args)
-        tuner = FineTuner(cfg, [PrintProgress(every=max(cfg.steps // 8, 1))])
+        tuner = recorded_tuner(cfg, [PrintProgress(every=max(cfg.steps // 8, 1))])
     result = tuner.run()
     print(f"run {tuner.run_dir.name if tuner.run_dir else '-'}: {tuner.run_dir}")
     return 3 if result.end is not None and result.end.diverged else 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..tuning.runs import list_runs, runs_root
+    from ..ledger import list_runs, runs_root
 
     df = list_runs(args.runs_dir)
     root = runs_root(args.runs_dir, create=False)
@@ -148,7 +147,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ..tuning.runs import load_run
+    from ..ledger import load_run
 
     for run_id in args.ids:
         run = load_run(run_id, args.runs_dir)
@@ -165,7 +164,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..tuning.run_compare import compare
+    from ..ledger.run_compare import compare
 
     cmp = compare(args.ids, args.runs_dir)
     print(cmp.summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -180,7 +179,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from ..tuning.runs import remove_run
+    from ..ledger import remove_run
 
     for run_id in args.ids:
         print(f"removed {remove_run(run_id, args.runs_dir, force=args.force)}")

@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
 
 
 def _space(args: argparse.Namespace):
-    from ..tuning.space import SearchSpace, parse_values
+    from ..ledger.space import SearchSpace, parse_values
 
     values = {}
     for opt, (name, kind) in _SPACE_OPTIONS.items():
@@ -81,7 +81,7 @@ def _as_list(value):
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ..tuning.sweep import run_sweep
+    from ..ledger.sweep import run_sweep
 
     config = {"batch_size": args.batch, "seq_len": args.seq, "seed": args.seed, "runs_dir": args.runs_dir}
     if args.eval_interval is not None:

@@ -3,5 +3,5 @@
 Owns: :mod:`.evaluate` (loss, perplexity, accuracy, exact match and ROUGE-L, base vs adapted), :mod:`.chat`
 (A/B chat, streamed), :mod:`.parity` (the same prompts through two models, compared), :mod:`.export`
 (merged / PEFT / GGUF exports with a parity check) and :mod:`.gguf_export`. May import common, core, planning,
-nn, integrations, assets, measure and tuning; never app or widgets.
+nn, integrations, assets, measure, train and ledger; never app or widgets.
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -21,8 +20,11 @@ import torch
 from torch import nn
 
 from ..assets.hf import greedy_continuation
+from ..assets.tokenized import batches
+from ..common.metrics import perplexity
 from ..common.paths import atomic_write_text
 from ..integrations.adapter_switch import adapters_disabled
+from ..train.metrics import batch_nll
 
 __all__ = [
     "compare_adapters",
@@ -71,38 +73,22 @@ def dataset_loss(model: nn.Module, dataset: Any, batch_size: int = 8, max_batche
     Raises:
         ValueError: an empty dataset.
     """
-    from ..assets.tokenized import batches
-
     if len(dataset) == 0:
         raise ValueError("evaluate: the evaluation split is empty; lower seq_len or use a larger dataset")
     total = correct = rows = 0
     nll = 0.0
-    device = next(model.parameters()).device
     with _eval_mode(model):
         for i, batch in enumerate(batches(dataset, batch_size, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits.float()
-            labels = batch["labels"]
-            rows += len(labels)
-            if labels.dim() == 1:  # classification
-                nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                total += len(labels)
-            else:
-                shift, target = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-                nll += float(
-                    torch.nn.functional.cross_entropy(shift, target, ignore_index=-100, reduction="sum")
-                )
-                total += int((target != -100).sum())
+            part = batch_nll(model, batch)
+            rows += len(batch["labels"])
+            nll, total, correct = nll + part.nll, total + part.count, correct + part.correct
     classification = dataset.tensors["labels"].dim() == 1
     loss = nll / max(total, 1)
     return {
         "loss": loss,
-        "perplexity": None if classification else math.exp(min(loss, 50.0)),
+        "perplexity": None if classification else perplexity(loss),
         "accuracy": correct / max(total, 1) if classification else None,
         "rows": rows,
         "tokens": None if classification else total,

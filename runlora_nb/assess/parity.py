@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.metrics import perplexity
 from ..common.numerics import rounding_bound
 from ..common.paths import atomic_write_text
 
@@ -183,7 +184,7 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 
 def _ppl(nll: float, n: int) -> float:
-    return math.exp(min(nll / n, 50.0)) if n else math.nan
+    return perplexity(nll / n) if n else math.nan
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Measure layer: races (layers, grids, whole models), the saved-tensor X-ray and memory estimates.
 
 Owns: :mod:`.spec` (frozen settings, results, columns), :mod:`.layer_race`, :mod:`.grid`, :mod:`.model_race`,
-:mod:`.xray`, :mod:`.estimate` and :mod:`.memory_ledger` (predict, then measure). May import common, core, planning, nn, integrations and assets; never tuning,
-app or widgets. Results are tidy pandas DataFrames; nothing here draws.
+:mod:`.xray`, :mod:`.estimate` and :mod:`.memory_ledger` (predict, then measure). May import common, core,
+planning, nn, integrations and assets; never train, ledger, assess, app or widgets. Results are tidy pandas DataFrames; nothing here draws.
 """
 
 from .estimate import estimate_memory

@@ -208,7 +208,7 @@ def test_fetch_force_repairs_a_corrupt_cache(tmp_path, capsys, monkeypatch):
 
 
 def test_train_from_a_yaml_config(tmp_path, capsys):
-    from runlora_nb.tuning.runs import list_runs
+    from runlora_nb.ledger import list_runs
 
     (tmp_path / "run.yaml").write_text(
         "model: tiny-llama\nsteps: 2\nr: 4\nseq_len: 32\nbatch_size: 2\neval_interval: 0\nsample_prompts: []\n"

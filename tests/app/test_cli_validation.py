@@ -6,7 +6,7 @@ import pytest
 
 from runlora_nb.app import runs_cli
 from runlora_nb.app.cli import _parser, main
-from runlora_nb.tuning import FineTuneConfig
+from runlora_nb.train import FineTuneConfig
 
 
 def _train_config(*argv: str) -> FineTuneConfig:
@@ -69,7 +69,7 @@ def test_export_accepts_a_run_folder_for_adapter(tmp_path, capsys):
 
 
 def test_runs_list_of_a_missing_folder_says_so_and_creates_nothing(tmp_path, capsys):
-    from runlora_nb.tuning.runs import list_runs
+    from runlora_nb.ledger import list_runs
 
     missing = tmp_path / "typo"
     assert main(["runs", "list", "--runs-dir", str(missing)]) == 0

@@ -6,7 +6,7 @@ import pandas as pd
 
 from runlora_nb.app.cli import main
 from runlora_nb.app.sweep_cli import _space
-from runlora_nb.tuning.runs import list_runs
+from runlora_nb.ledger import list_runs
 
 
 def _args(tmp_path, *extra):

@@ -102,7 +102,7 @@ def test_unknown_target_names_are_refused_with_the_valid_ones(targets):
 
 
 def test_finetune_config_unknown_targets_are_refused_on_both_backends(tmp_path):
-    from runlora_nb.tuning import FineTuneConfig, FineTuner
+    from runlora_nb.train import FineTuneConfig, FineTuner
 
     for backend in ("runlora", "peft"):
         cfg = FineTuneConfig(model="tiny-llama", backend=backend, targets=["q_proj", "nope"], steps=1, seq_len=16,
@@ -132,7 +132,7 @@ def test_a_rank_no_target_can_use_is_refused_before_allocating(monkeypatch):
 
 
 def test_finetune_config_rank_above_every_target_is_refused_on_both_backends(tmp_path):
-    from runlora_nb.tuning import FineTuneConfig, FineTuner
+    from runlora_nb.train import FineTuneConfig, FineTuner
 
     for backend in ("runlora", "peft"):
         cfg = FineTuneConfig(model="tiny-llama", backend=backend, r=100000, steps=1, seq_len=16,

@@ -1,6 +1,6 @@
 """How much the run ledger + a FineTunePanel slow training, against the bare engine (not a test: a script).
 
-Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.tuning.FineTuner` (no
+Each pair of runs trains the same config twice, once with a bare :class:`~runlora_nb.train.FineTuner` (no
 ledger) in a background thread and once through a :class:`~runlora_nb.widgets.FineTunePanel` (the run ledger's
 files, controller callbacks, throttled chart redraws, status and progress widgets); the order alternates
 between pairs. The time per step is
@@ -18,7 +18,7 @@ import itertools
 import statistics
 import time
 
-from runlora_nb.tuning import FineTuneConfig, FineTuner
+from runlora_nb.train import FineTuneConfig, FineTuner
 from runlora_nb.widgets import FineTuneController, FineTunePanel
 
 
@@ -30,7 +30,7 @@ def per_step_seconds(steps) -> float:
 
 
 def bare(config: FineTuneConfig) -> float:
-    trainer = FineTuner(config, ledger=False)
+    trainer = FineTuner(config)
     trainer.start()
     return per_step_seconds(trainer.join().steps)
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 from panel_helpers import all_widgets, wait_until
 
-from runlora_nb.tuning import FineTuneConfig
+from runlora_nb.train import FineTuneConfig
 from runlora_nb.widgets import FineTuneController, FineTunePanel
 
 FAST = {"lr": 3e-3, "eval_interval": 3, "overrides": (("sample_tokens", 4),)}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runlora_nb.tuning import FineTuneConfig, FineTuner
+from runlora_nb.ledger import recorded_tuner
+from runlora_nb.train import FineTuneConfig
 from runlora_nb.widgets.runs import RunsController
 from runlora_nb.widgets.runs_view import RunsPanel
 
@@ -17,7 +18,7 @@ def ledger(tmp_path_factory):
     ids = []
     for lr in (3e-3, 1e-3):
         cfg = FineTuneConfig(**QUICK, lr=lr, steps=4, eval_interval=2, runs_dir=str(root))
-        tuner = FineTuner(cfg)
+        tuner = recorded_tuner(cfg)
         tuner.run()
         ids.append(tuner.run_dir.name)
     return root, ids

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from runlora_nb.tuning.hf_trainer import LedgerCallback
+from runlora_nb.ledger.hf_trainer import LedgerCallback
 from runlora_nb.widgets.trainer_monitor import TrainerMonitor, ema
 
 

@@ -12,9 +12,9 @@ import torch
 from runlora_nb.assets.tokenized import make_dataset
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.integrations.inject import apply_runlora, get_peft_model
-from runlora_nb.tuning.hf_trainer import LedgerCallback
-from runlora_nb.tuning.run_compare import compare
-from runlora_nb.tuning.runs import list_runs, load_run
+from runlora_nb.ledger import list_runs, load_run
+from runlora_nb.ledger.hf_trainer import LedgerCallback
+from runlora_nb.ledger.run_compare import compare
 
 STEPS = 4
 

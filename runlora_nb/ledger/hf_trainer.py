@@ -19,7 +19,6 @@ import functools
 import json
 import math
 import os
-import socket
 import sys
 import time
 import weakref
@@ -30,10 +29,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..common.jsonfiles import read_json_dict, write_json
+from ..common.metrics import perplexity
 from ..integrations.inject import runlora_layers
 from ..integrations.plans import plan_table
-from .runs import _ACTIVE, RunLedger, _versions, new_run_dir
+from .folders import new_run_dir
+from .writer import RunWriter
 
 __all__ = ["LedgerCallback"]
 
@@ -160,7 +160,7 @@ class LedgerCallback(TrainerCallback):
         self.id: str | None = None
         self.records: list[tuple[str, dict]] = []
         self._listeners: list[Listener] = []
-        self._ledger: RunLedger | None = None
+        self._ledger: RunWriter | None = None
         self._t_log = self._t0 = 0.0
         self._tokens_at_log = 0
         self._step_at_log = 0
@@ -228,8 +228,7 @@ class LedgerCallback(TrainerCallback):
             ),
         }
         with contextlib.suppress(Exception):  # the original exception is what the user must see
-            self._ledger._set_status(**record, ended=time.time())
-        _ACTIVE.discard(self.id)
+            self._ledger.close(**record)
         with contextlib.suppress(Exception):
             self._emit("end", record)
 
@@ -254,8 +253,7 @@ class LedgerCallback(TrainerCallback):
         self.dir = self._run_dir or new_run_dir(settings["backend"], self.root)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.id = self.dir.name
-        self._ledger = RunLedger(self.dir)
-        self._ledger._opened = True  # the folder exists now: a deletion under the run stops its writes
+        self._ledger = RunWriter(self.dir)
         name = self.model_name or _model_name(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
         total = sum(p.numel() for p in model.parameters()) if model is not None else 0
@@ -276,21 +274,7 @@ class LedgerCallback(TrainerCallback):
             "seed": args.seed,
             "output_dir": args.output_dir,
         }
-        _ACTIVE.add(self.id)
-        write_json(
-            self.dir / "config.json",
-            {
-                "id": self.id,
-                "config": config,
-                "versions": _versions(),
-                "plans": [],
-                "trainable_params": trainable,
-                "total_params": total,
-            },
-        )
-        self._ledger._set_status(
-            status="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(), message=None
-        )
+        self._ledger.open(config, {"trainable_params": trainable, "total_params": total}, started=time.time())
         self._t0 = self._t_log = time.perf_counter()
         self._tokens_at_log = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self._step_at_log = state.global_step
@@ -321,7 +305,7 @@ class LedgerCallback(TrainerCallback):
         }
         self._t_log, self._tokens_at_log, self._step_at_log = now, tokens, state.global_step
         self._eval_s = 0.0
-        self._ledger._append("metrics.jsonl", {"kind": "step", **record})
+        self._ledger.append_step(record)
         if model is not None and not self._plans_written:  # plans exist once a step ran every layer
             self._plans_written = True
             self._write_plans(model)
@@ -330,9 +314,7 @@ class LedgerCallback(TrainerCallback):
     def _write_plans(self, model: torch.nn.Module) -> None:
         plans = plan_table(model)
         if len(plans):
-            cfg = read_json_dict(self.dir / "config.json")
-            cfg["plans"] = json.loads(plans.to_json(orient="records"))
-            write_json(self.dir / "config.json", cfg)
+            self._ledger.write_plans(json.loads(plans.to_json(orient="records")))
 
     def on_prediction_step(self, args, state, control, **kwargs):
         if self._eval_t0 is None:  # the first batch of an evaluation: it started about now
@@ -353,16 +335,16 @@ class LedgerCallback(TrainerCallback):
         record = {
             "step": state.global_step,
             "val_loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "perplexity": perplexity(loss),
             "accuracy": metrics.get("eval_accuracy"),
         }
-        self._ledger._append("metrics.jsonl", {"kind": "eval", **record})
+        self._ledger.append_eval(record)
         self._emit("eval", record)
 
     def on_save(self, args, state, control, **kwargs):
         if self._ledger is not None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self._ledger._set_status(checkpoint_step=state.global_step, checkpoint_dir=str(path))
+            self._ledger.set_status(checkpoint_step=state.global_step, checkpoint_dir=str(path))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._ledger is None:
@@ -379,6 +361,5 @@ class LedgerCallback(TrainerCallback):
             "val_loss": evals[-1]["val_loss"] if evals else None,
             "message": "a non-finite training loss was logged: lower the learning rate" if diverged else None,
         }
-        self._ledger._set_status(**record, ended=time.time())
-        _ACTIVE.discard(self.id)
+        self._ledger.close(**record)
         self._emit("end", record)

@@ -1,17 +1,18 @@
-"""Training guards that listen to the engine's events and warn: a loss stuck at the uniform guess.
+"""Training guards: checks the engine runs on its own events; what they find becomes a warning event.
 
 A causal LM that predicts the uniform distribution over its vocabulary has loss ln(vocab). A run whose loss stays
 within 1% of that for the whole first evaluation window learned nothing (typically an lr far too large, which
-saturates the logits, or far too small); :class:`UniformLossGuard` says so once, as a ``RuntimeWarning`` and in
-``trainer.history.warnings`` (the run ledger records those in ``status.json``).
+saturates the logits, or far too small); :class:`UniformLossGuard` says so once. The engine turns the message
+into a :class:`~runlora_nb.train.events.WarningEvent` (the run ledger records those in ``status.json``) and a
+``RuntimeWarning``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
-from .events import Callback
+from .config import FineTuneConfig
+from .events import StepEvent
 
 __all__ = ["UniformLossGuard", "vocab_size"]
 
@@ -29,36 +30,32 @@ def vocab_size(model) -> int | None:
     return int(size) if size else None
 
 
-class UniformLossGuard(Callback):
-    """Warn when the train loss stays within ``tolerance`` (relative) of ln(vocab) for the first eval window.
+class UniformLossGuard:
+    """Finds a train loss that stays within ``tolerance`` (relative) of ln(vocab) for the first eval window.
 
     Args:
+        config: the run (its eval interval and steps give the window; its lr goes into the advice).
+        vocab: the model's vocabulary size; None (classification, or unknown) turns the guard off.
         tolerance: relative band around ln(vocab) (default 1%).
     """
 
-    def __init__(self, tolerance: float = 0.01) -> None:
+    def __init__(self, config: FineTuneConfig, vocab: int | None, tolerance: float = 0.01) -> None:
         self.tolerance = tolerance
-        self._uniform: float | None = None
-        self._window = 0
-        self._stuck = True
-
-    def on_start(self, trainer, event) -> None:
-        vocab = None if trainer.label_names else vocab_size(trainer.model)
+        self.lr = config.lr
         self._uniform = math.log(vocab) if vocab and vocab > 1 else None
-        cfg = event.config
-        self._window = min(cfg.eval_interval or cfg.steps, cfg.steps)
+        self._window = min(config.eval_interval or config.steps, config.steps)
         self._stuck = True
 
-    def on_step(self, trainer, event) -> None:
+    def check(self, event: StepEvent) -> str | None:
+        """The warning, once, at the end of the window when every loss in it was the uniform guess; else None."""
         if self._uniform is None or event.step > self._window:
-            return
+            return None
         if not (abs(event.loss - self._uniform) <= self.tolerance * self._uniform):
             self._stuck = False
         if event.step == self._window and self._stuck:
-            msg = (
+            return (
                 f"FineTuner: the train loss stayed within {self.tolerance:.0%} of ln(vocab) = "
                 f"{self._uniform:.3f} (the uniform guess) for all of steps 1-{self._window}: the model is not "
-                f"learning; lr={trainer.config.lr:g} is probably far too large (or too small) — try 1e-4 to 3e-3"
+                f"learning; lr={self.lr:g} is probably far too large (or too small) — try 1e-4 to 3e-3"
             )
-            trainer.history.warnings.append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return None

@@ -11,10 +11,9 @@ import sys
 import pytest
 
 from runlora_nb.app.cli import main
-from runlora_nb.tuning import FineTuneConfig, FineTuner
-from runlora_nb.tuning import runs as ledger
-from runlora_nb.tuning.run_compare import compare
-from runlora_nb.tuning.runs import list_runs, load_run, new_run_dir, remove_run
+from runlora_nb.ledger import folders, list_runs, load_run, new_run_dir, recorded_tuner, remove_run
+from runlora_nb.ledger.run_compare import compare
+from runlora_nb.train import FineTuneConfig, FineTuner, engine
 
 QUICK = {
     "model": "tiny-llama",
@@ -28,18 +27,19 @@ QUICK = {
 
 def test_run_ids_are_unique_within_one_second(tmp_path, monkeypatch):
     """Defect 14.2: two runs started in the same second shared `runs/%Y%m%d-%H%M%S-<backend>`."""
-    monkeypatch.setattr(ledger.time, "strftime", lambda fmt: "20260101-000000")
+    monkeypatch.setattr(folders.time, "strftime", lambda fmt: "20260101-000000")
     a, b = new_run_dir("runlora", tmp_path), new_run_dir("runlora", tmp_path)
     assert a != b and a.is_dir() and b.is_dir()
     assert a.name.startswith("20260101-000000-runlora-")
 
 
 def test_no_ledger_default_adapter_folders_do_not_collide(tmp_path, monkeypatch):
-    """Without a ledger the default adapter folder is a fresh unique run folder too (was overwritten)."""
-    monkeypatch.setattr(ledger.time, "strftime", lambda fmt: "20260101-000000")
+    """Without a ledger the default adapter folder is a fresh unique folder per run, and no run is recorded."""
+    monkeypatch.setattr(engine.time, "strftime", lambda fmt: "20260101-000000")
     cfg = FineTuneConfig(**QUICK, steps=1, eval_interval=0, sample_prompts=(), runs_dir=str(tmp_path))
-    dirs = {FineTuner(cfg, ledger=False).run().end.adapter_dir for _ in range(2)}
-    assert len(dirs) == 2
+    dirs = {FineTuner(cfg).run().end.adapter_dir for _ in range(2)}
+    assert len(dirs) == 2 and all("20260101-000000-runlora-" in d for d in dirs)
+    assert list_runs(tmp_path).empty
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def two_runs(tmp_path_factory):
         cfg = FineTuneConfig(
             **{**QUICK, "lr": lr}, steps=4, eval_interval=2, checkpoint_every=2, runs_dir=str(root)
         )
-        tuner = FineTuner(cfg)
+        tuner = recorded_tuner(cfg)
         tuner.run()
         ids.append(tuner.run_dir.name)
     return root, ids
@@ -149,12 +149,15 @@ def test_rm_force_never_deletes_a_run_alive_here(tmp_path):
                          runs_dir=str(tmp_path))  # fmt: skip
 
     class RmAt:
-        def on_step(self, trainer, event):
+        def on_start(self, event):
+            self.run_id = event.run_id
+
+        def on_step(self, event):
             if event.step == 2:
                 with pytest.raises(ValueError, match=r"still running.*--force does not delete a live run"):
-                    remove_run(trainer.run_dir.name, tmp_path, force=True)
+                    remove_run(self.run_id, tmp_path, force=True)
 
-    tuner = FineTuner(cfg, [RmAt()])
+    tuner = recorded_tuner(cfg, [RmAt()])
     tuner.run()
     assert load_run(tuner.run_dir).status == "finished" and tuner.run_dir.is_dir()
 
@@ -164,11 +167,14 @@ def test_a_run_folder_removed_under_the_run_stays_removed(tmp_path):
                          runs_dir=str(tmp_path))  # fmt: skip
 
     class RemoveAt:  # what `runs rm --force` from another machine does to a live run
-        def on_step(self, trainer, event):
-            if event.step == 2:
-                shutil.rmtree(trainer.run_dir)
+        def on_start(self, event):
+            self.run_id = event.run_id
 
-    tuner = FineTuner(cfg, [RemoveAt()])
+        def on_step(self, event):
+            if event.step == 2:
+                shutil.rmtree(tmp_path / self.run_id)
+
+    tuner = recorded_tuner(cfg, [RemoveAt()])
     with pytest.raises(RuntimeError, match="was removed while run"):
         tuner.run()
     assert not tuner.run_dir.exists() and list_runs(tmp_path).empty
@@ -187,15 +193,15 @@ def test_rm_of_a_run_marked_running_on_another_machine_needs_force(tmp_path, cap
 def test_a_run_failing_at_setup_or_interrupted_by_ctrl_c_is_listed_with_its_status(tmp_path):
     bad = FineTuneConfig(**QUICK, dataset=str(tmp_path / "missing.txt"), runs_dir=str(tmp_path / "runs"))
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the run is recorded as failed
-        FineTuner(bad).run()
+        recorded_tuner(bad).run()
     (failed,) = list_runs(tmp_path / "runs").itertuples()
     assert failed.status == "failed" and load_run(failed.id, tmp_path / "runs").state["message"]
 
     class CtrlC:
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             raise KeyboardInterrupt
 
     cfg = FineTuneConfig(**QUICK, steps=3, sample_prompts=(), runs_dir=str(tmp_path / "ctrl"))
     with pytest.raises(KeyboardInterrupt):
-        FineTuner(cfg, [CtrlC()]).run()
+        recorded_tuner(cfg, [CtrlC()]).run()
     assert list(list_runs(tmp_path / "ctrl").status) == ["interrupted"]

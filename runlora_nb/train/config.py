@@ -59,7 +59,8 @@ class FineTuneConfig:
         seed: one seed for init, data order and dropout masks.
         backend: ``"runlora"`` or ``"peft"``.
         chain: planner mode for the runlora backend.
-        output_dir: where the adapter is saved (default: a fresh folder under the cache's ``runs/``).
+        output_dir: where the adapter is saved (default: the run folder's ``adapter/`` when the run ledger
+            records the run, else a fresh folder under the cache's ``adapters/``).
         sample_prompts: prompts generated from before and after training (causal LM tasks).
         sample_tokens: new tokens per sample.
         gradient_checkpointing: recompute transformer blocks in backward (less memory, more time).

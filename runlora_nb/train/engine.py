@@ -1,23 +1,26 @@
-"""Fine-tuning engine: a small, event-driven training loop that never imports widgets.
+"""Fine-tuning engine: a small, event-driven training loop that never imports widgets or the run ledger.
 
 State and events are separate from outputs (livelossplot / minGPT style): :class:`FineTuner` emits
-``on_start``, ``on_sample``, ``on_step``, ``on_eval`` and ``on_end`` to its callbacks, and whoever listens —
-a progress printer, a plotly panel, a test — draws. :meth:`FineTuner.stop` may be called from a callback or
+``on_start``, ``on_sample``, ``on_step``, ``on_plans``, ``on_eval``, ``on_warning``, ``on_checkpoint`` and
+``on_end`` to its callbacks; each receives the event alone. Whoever listens — a progress printer, a plotly
+panel, the run ledger, a test — draws or records. :meth:`FineTuner.stop` may be called from a callback or
 another thread; the loop checks it between steps, saves the adapter and ends cleanly. The same config and
 seed give the same run.
 
-Every run is recorded by a :class:`~runlora_nb.tuning.runs.RunLedger` callback into a run folder (config,
-metrics, samples, status, checkpoints every ``checkpoint_every`` steps and at Stop); :meth:`FineTuner.resume`
-continues an interrupted or stopped run from its last checkpoint. A NaN/inf loss or gradient ends the run as
-*diverged* without saving the adapter.
+The engine keeps no files but the adapter: a checkpoint is a :class:`~runlora_nb.train.state.TrainState`
+carried by a :class:`~runlora_nb.train.events.CheckpointEvent`, and ``FineTuner(resume_from=state)``
+continues from one. :mod:`runlora_nb.ledger` records runs and resumes them by id. A NaN/inf loss or gradient
+ends the run as *diverged* without saving the adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,51 +31,42 @@ import torch
 from torch import nn
 
 from ..assets.hf import greedy_continuation
+from ..assets.tokenized import batches, make_dataset
+from ..assets.zoo import load_model
+from ..common.metrics import perplexity
+from ..common.paths import cache_dir
 from ..common.sysmem import peak_rss_bytes
+from ..core.memory import SavedTensorRecorder
+from ..integrations.adapters import save_adapter
+from ..integrations.inject import trainable_parameters
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
-from .events import CheckpointEvent, EndEvent, EvalEvent, SampleEvent, StartEvent, StepEvent, TrainResult
+from .events import (
+    CheckpointEvent,
+    EndEvent,
+    EvalEvent,
+    PlansEvent,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    WarningEvent,
+)
+from .guards import UniformLossGuard, vocab_size
+from .history import History
+from .metrics import batch_nll
+from .setup import adapter_is_finite, add_adapters, enable_checkpointing, lr_factor, task_of, trainable
+from .state import COMPARED_FIELDS, TrainState, check_config, rng_state, set_rng_state
 
-__all__ = ["DivergedError", "FineTuner", "enable_checkpointing"]
+__all__ = ["DivergedError", "FineTuner", "default_adapter_dir", "enable_checkpointing"]
 
 
 class DivergedError(ValueError):
     """The loss or the gradient norm became NaN/inf (the run ends as *diverged*)."""
 
 
-# ------------------------------------------------------------------------------------------------- helpers
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Turn on activation (gradient) checkpointing with transformers 5's name, or 4's."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _lr_factor(step: int, cfg: FineTuneConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step ``step`` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _task_of(cfg: FineTuneConfig) -> tuple[str, str]:
-    """(data task, model task)."""
-    from ..assets.datasets import dataset_kind
-
-    task = cfg.task or ("causal-lm" if dataset_kind(cfg.dataset) == "text" else "instruction")
-    return task, ("sequence-classification" if task == "classification" else "causal-lm")
-
-
-# ------------------------------------------------------------------------------------------------- trainer
+def default_adapter_dir(backend: str) -> Path:
+    """A fresh folder ``<cache>/adapters/<YYYYmmdd-HHMMSS>-<backend>-<8 hex>`` for a run that names none."""
+    return cache_dir("adapters") / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}-{uuid.uuid4().hex[:8]}"
 
 
 class FineTuner:
@@ -80,20 +74,23 @@ class FineTuner:
 
     Args:
         config: the run.
-        callbacks: :class:`Callback` objects (or anything with some of the ``on_*`` methods).
+        callbacks: :class:`~runlora_nb.train.events.Callback` objects (or anything with some of the ``on_*``
+            methods); each ``on_*`` receives one event.
         model: optional prepared (model, tokenizer) pair to train instead of loading ``config.model`` (its
             adapters are added by the trainer).
-        resume: a run id (or run folder) to continue from its last checkpoint; ``config`` must be that run's
-            (use :meth:`resume` to read it from the run).
-        ledger: record the run into the run ledger (``config.runs_dir``); False: no run folder.
+        resume_from: a :class:`TrainState` (e.g. from :func:`~runlora_nb.train.checkpoint.load_checkpoint`) to
+            continue from; ``config`` must be that run's.
+        adapter_dir: where :meth:`save_adapter` writes when ``config.output_dir`` is None (default: a fresh
+            folder from :func:`default_adapter_dir`). The run ledger passes its run folder's ``adapter/``.
+        run_dir: the folder of this run's record, when :mod:`runlora_nb.ledger` records it; the engine only
+            reports its name (``StartEvent.run_id``) and never writes there itself.
 
     Raises:
-        ValueError: ``checkpoint_every`` < 0, or ``resume`` names a run without a checkpoint, a folder that is
-            not a ledger run, or a run whose process is still running.
+        ValueError: ``checkpoint_every`` < 0, or ``resume_from`` was written with another config.
 
     Example:
         >>> tuner = FineTuner(FineTuneConfig(model="tiny-llama", steps=20), [PrintProgress()])
-        >>> result = tuner.run()
+        >>> history = tuner.run()
     """
 
     def __init__(
@@ -102,26 +99,22 @@ class FineTuner:
         callbacks: Sequence[Any] = (),
         model: tuple[nn.Module, Any] | None = None,
         *,
-        resume: str | Path | None = None,
-        ledger: bool = True,
+        resume_from: TrainState | None = None,
+        adapter_dir: str | Path | None = None,
+        run_dir: str | Path | None = None,
     ) -> None:
-        from .checkpoint import check_config, load_checkpoint
-        from .guards import UniformLossGuard
-        from .runs import check_not_running, run_dir
-
         if config.checkpoint_every < 0:
             raise ValueError(
                 f"FineTuner: checkpoint_every must be >= 0 (0: only at Stop), got {config.checkpoint_every}"
             )
+        if resume_from is not None:
+            check_config(config, resume_from)
         self.config = config
-        self.callbacks: list[Any] = [UniformLossGuard(), *callbacks]
-        self.run_dir: Path | None = run_dir(resume, config.runs_dir) if resume is not None else None
-        if self.run_dir is not None:
-            check_not_running(self.run_dir)  # before anything is read or written: one writer per run folder
-        self._resume_state = load_checkpoint(self.run_dir) if self.run_dir is not None else None
-        if self._resume_state is not None:  # before on_start rewrites config.json with this config
-            check_config(config, self._resume_state)
-        self._ledger = ledger or resume is not None
+        self.history = History(config)
+        self.callbacks: list[Any] = [self.history, *callbacks]
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._resume_state = resume_from
         self._data_pos = (0, 0)  # (epoch, next batch index in it)
         self._saved_bytes: int | None = None
         self._given = model
@@ -129,35 +122,14 @@ class FineTuner:
         self._thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
         self._in_loop = False  # run()'s loop owns the model (one trainer loop at a time)
+        self._guard: UniformLossGuard | None = None
+        self._plans_sent = False
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.history = TrainResult(config)
         self.step = 0
         self._t0: float | None = None  # origin of elapsed_s (a resumed run shifts it back by its time)
         self.running = False
         self.label_names: tuple[str, ...] = ()
-
-    @classmethod
-    def resume(
-        cls, run_id: str | Path, callbacks: Sequence[Any] = (), runs_dir: str | None = None
-    ) -> FineTuner:
-        """A tuner that continues run ``run_id`` (config read from its folder) from its last checkpoint.
-
-        Raises:
-            ValueError: no such run, a run still running, or a run whose ``config.json`` is damaged (resuming
-                with default settings would train another model and overwrite the run's record).
-        """
-        from .runs import check_not_running, load_run, saved_config
-
-        run = load_run(run_id, runs_dir)
-        check_not_running(run.path)
-        return cls(saved_config(run.path), callbacks, resume=run.path)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The resumable state between steps (see :func:`runlora_nb.tuning.checkpoint.trainer_state`)."""
-        from .checkpoint import trainer_state
-
-        return trainer_state(self)
 
     # -------------------------------------------------------------------------------------------- control
     def add_callback(self, callback: Any) -> None:
@@ -170,6 +142,11 @@ class FineTuner:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def resume_step(self) -> int | None:
+        """The checkpoint's step this tuner will continue from (None: a fresh run, or already resumed)."""
+        return self._resume_state.step if self._resume_state is not None else None
 
     @property
     def plans(self) -> pd.DataFrame:
@@ -186,7 +163,7 @@ class FineTuner:
         self._thread.start()
         return self._thread
 
-    def join(self, timeout: float | None = None) -> TrainResult:
+    def join(self, timeout: float | None = None) -> History:
         if self._thread is not None:
             self._thread.join(timeout)
         return self.history
@@ -200,18 +177,57 @@ class FineTuner:
         for cb in list(self.callbacks):
             fn = getattr(cb, name, None)
             if fn is not None:
-                fn(self, event)
+                fn(event)
+
+    def _warn(self, message: str) -> None:
+        self._emit("on_warning", WarningEvent(self.step, message))
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -------------------------------------------------------------------------------------------- state
+    def snapshot(self) -> TrainState:
+        """Everything needed to continue exactly here (call between steps)."""
+        t0 = self._t0
+        elapsed = time.perf_counter() - t0 if t0 is not None else self._last_elapsed()
+        return TrainState(
+            step=self.step,
+            config={k: getattr(self.config, k) for k in COMPARED_FIELDS},
+            adapter={n: p.detach().to("cpu", copy=True) for n, p in trainable(self.model).items()},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=rng_state(),
+            data_pos=self._data_pos,
+            elapsed_s=elapsed,
+            history=self.history.to_dict(),
+        )
+
+    def _last_elapsed(self) -> float:
+        return float(self.history.steps[-1].elapsed_s) if self.history.steps else 0.0
+
+    def _restore(self, state: TrainState) -> None:
+        """Put ``state`` back into the prepared model; the RNG states last, so the next step is the lost one."""
+        params = trainable(self.model)
+        if set(params) != set(state.adapter):
+            missing = sorted(set(state.adapter) ^ set(params))[:4]
+            raise ValueError(
+                f"FineTuner: checkpoint adapter parameters differ from the model's (e.g. {missing})"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state.adapter[name])
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step = state.step
+        self._data_pos = state.data_pos
+        self.history.restore(state.history)
+        set_rng_state(state.rng)
 
     # -------------------------------------------------------------------------------------------- setup
     def prepare(self) -> None:
         """Load the model and data, add the adapters (idempotent)."""
         if self.model is not None:
             return
-        from ..assets.tokenized import make_dataset
-        from ..assets.zoo import load_model
-
         cfg = self.config
-        data_task, model_task = _task_of(cfg)
+        data_task, model_task = task_of(cfg)
         torch.manual_seed(cfg.seed)
         if self._given is not None:
             model, tok = self._given
@@ -227,52 +243,19 @@ class FineTuner:
             )
         self.label_names = self.train_set.label_names
         if model_task == "sequence-classification" and model.config.num_labels != len(self.label_names):
-            model, tok = load_model(
-                cfg.model,
-                dtype=cfg.dtype,
-                quantization=cfg.quantization,
-                task=model_task,
-                num_labels=len(self.label_names),
-            )
+            model, tok = load_model(cfg.model, dtype=cfg.dtype, quantization=cfg.quantization,
+                                    task=model_task, num_labels=len(self.label_names))  # fmt: skip
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
-        self.model = self._add_adapters(model.train())
+        self.model = add_adapters(model.train(), cfg)
         self.tokenizer = tok
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._params = list(trainable(self.model).values())
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, cfg))
-
-    def _add_adapters(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        targets = list(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets
-        if cfg.backend == "runlora":
-            from ..integrations.inject import apply_runlora
-
-            return apply_runlora(
-                model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets, chain=cfg.chain
-            )
-        import peft
-
-        from ..integrations.inject import check_rank, find_targets
-
-        # PEFT drops target names that match nothing and allocates any rank: refuse both as apply_runlora does
-        check_rank(model, find_targets(model, targets), cfg.r)
-        if cfg.quantization:
-            from ..core.quant import guard_cpu_repack
-
-            guard_cpu_repack(model)
-        lcfg = peft.LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
-        )
-        from ..integrations.inject import get_peft_model
-
-        return get_peft_model(model, lcfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
     # -------------------------------------------------------------------------------------------- loop
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        from ..assets.tokenized import batches
-
         epoch, skip = self._data_pos
         while True:
             it = batches(
@@ -288,32 +271,27 @@ class FineTuner:
                     f"FineTuner: {len(self.train_set)} training rows cannot fill batch_size={self.config.batch_size}"
                 )
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
-        return out.loss, out.logits
+        return out.loss
 
-    @torch.no_grad()
     def evaluate(self) -> EvalEvent:
-        """Validation loss (and perplexity, or accuracy for classification) on ``eval_batches`` batches."""
-        from ..assets.tokenized import batches
-
+        """Token-weighted validation loss on ``eval_batches`` batches, its perplexity (or the accuracy)."""
         self.model.eval()
-        losses, correct, seen = [], 0, 0
+        nll, count, correct = 0.0, 0, 0
         try:
             it = batches(self.val_set, self.config.batch_size, shuffle=False)
             for _, batch in zip(range(self.config.eval_batches), it):
-                loss, logits = self._loss(batch)
-                losses.append(float(loss))
-                if self.label_names:
-                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                    seen += len(batch["labels"])
+                part = batch_nll(self.model, batch)
+                nll, count, correct = nll + part.nll, count + part.count, correct + part.correct
         finally:
             self.model.train()
-        val = sum(losses) / len(losses) if losses else math.nan
-        acc = correct / seen if seen else None
-        return EvalEvent(self.step, val, math.exp(min(val, 50.0)), acc)
+        val = nll / count if count else math.nan
+        if self.label_names:
+            return EvalEvent(self.step, val, perplexity(val), correct / count if count else None, count)
+        return EvalEvent(self.step, val, perplexity(val), None, count)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
@@ -324,10 +302,9 @@ class FineTuner:
         tok, n = self.tokenizer, max_new_tokens or self.config.sample_tokens
         self.model.eval()
         try:
-            texts = []
-            for prompt in prompts:
-                texts.append(greedy_continuation(self.model, tok, dict(tok(prompt, return_tensors="pt")), n))
-            return texts
+            return [
+                greedy_continuation(self.model, tok, dict(tok(p, return_tensors="pt")), n) for p in prompts
+            ]
         finally:
             self.model.train()
 
@@ -336,54 +313,32 @@ class FineTuner:
         if not prompts or self.label_names:
             return
         for prompt, text in zip(prompts, self.generate(prompts)):
-            event = SampleEvent(stage, prompt, text)
-            self.history.samples.append(event)
-            self._emit("on_sample", event)
+            self._emit("on_sample", SampleEvent(stage, prompt, text, self.step))
 
     def _eval(self) -> EvalEvent:
         event = self.evaluate()
-        self.history.evals.append(event)
         self._emit("on_eval", event)
         return event
 
     def save_adapter(self, directory: str | Path | None = None) -> Path:
-        """Save the adapter in PEFT's format (default: ``config.output_dir``, else the run folder's ``adapter/``).
+        """Save the adapter in PEFT's format (default: ``config.output_dir``, else ``adapter_dir``, else a fresh
+        folder under the cache's ``adapters/``).
 
         Raises:
             DivergedError: the adapter holds NaN/inf values (it is not written).
         """
-        from ..integrations.adapters import save_adapter
-        from .checkpoint import adapter_is_finite
-        from .runs import new_run_dir
-
-        cfg = self.config
-        if not adapter_is_finite(self):
+        if not adapter_is_finite(self.model):
             raise DivergedError(f"FineTuner: the adapter holds NaN/inf values at step {self.step}; not saved")
-        if directory is None and cfg.output_dir is None and self.run_dir is not None:
-            directory = self.run_dir / "adapter"
         if directory is None:
-            directory = cfg.output_dir or new_run_dir(cfg.backend, cfg.runs_dir)
+            directory = self.config.output_dir or self.adapter_dir or default_adapter_dir(self.config.backend)
         return save_adapter(self.model, directory)
 
-    def _open_run(self) -> None:
-        """Subscribe the run ledger (a fresh unique run folder, or the resumed one)."""
-        from .runs import RunLedger, new_run_dir
-
-        if not self._ledger or any(isinstance(cb, RunLedger) for cb in self.callbacks):
-            return
-        if self.run_dir is None:
-            self.run_dir = new_run_dir(self.config.backend, self.config.runs_dir)
-        step = self._resume_state["step"] if self._resume_state is not None else None
-        self.callbacks.append(RunLedger(self.run_dir, resume_step=step))
-
     def _checkpoint(self) -> None:
-        from .checkpoint import adapter_is_finite
-
-        if adapter_is_finite(self):  # a non-finite state is never written over the last good one
-            self._emit("on_checkpoint", CheckpointEvent(self.step))
+        if adapter_is_finite(self.model):  # a non-finite state is never sent over the last good one
+            self._emit("on_checkpoint", CheckpointEvent(self.step, self.snapshot()))
             self._checkpoint_step = self.step
 
-    def run(self) -> TrainResult:
+    def run(self) -> History:
         """Train for ``config.steps`` steps (or until :meth:`stop`), emitting events; returns the history.
 
         A NaN/inf loss or gradient ends the run early as diverged (``history.end.diverged``, a RuntimeWarning,
@@ -411,7 +366,27 @@ class FineTuner:
                 self._in_loop = False
                 self.running = False
 
-    def _run_loop(self) -> TrainResult:
+    def _begin(self, t0: float) -> tuple[float, float | None]:
+        """Prepare, announce the start, restore a checkpoint or evaluate step 0: (time origin, last val loss)."""
+        self.prepare()
+        counts = trainable_parameters(self.model)
+        cfg = self.config
+        run_id = self.run_dir.name if self.run_dir is not None else None
+        self._emit("on_start", StartEvent(cfg, counts.trainable, counts.total, len(self.train_set),
+                                          len(self.val_set), run_id))  # fmt: skip
+        if self._guard is None:
+            self._guard = UniformLossGuard(cfg, None if self.label_names else vocab_size(self.model))
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+            t0 -= self._resume_state.elapsed_s  # elapsed_s continues from the time already spent
+            self._resume_state, self._checkpoint_step = None, self.step
+            return t0, (self.history.evals[-1].val_loss if self.history.evals else None)
+        if self.history.evals and self.history.evals[-1].step == self.step:
+            return t0, self.history.evals[-1].val_loss  # a restart after stop(): this step was evaluated
+        self._sample("before")
+        return t0, self._eval().val_loss
+
+    def _run_loop(self) -> History:
         cfg = self.config
         self.running = True
         self._stop.clear()
@@ -419,32 +394,11 @@ class FineTuner:
         val: float | None = None
         self._checkpoint_step: int | None = None
         try:
-            self._open_run()
-            self.prepare()
-            from ..integrations.inject import trainable_parameters
-
-            counts = trainable_parameters(self.model)
-            self._emit(
-                "on_start",
-                StartEvent(cfg, counts.trainable, counts.total, len(self.train_set), len(self.val_set)),
-            )
-            if self._resume_state is not None:
-                from .checkpoint import restore_trainer, saved_elapsed
-
-                restore_trainer(self, self._resume_state)  # RNG states last: the next step is the lost one
-                # elapsed_s continues from the time the run had already spent up to its checkpoint
-                t0 -= saved_elapsed(self._resume_state)
-                self._t0 = t0
-                self._resume_state, self._checkpoint_step = None, self.step
-                val = self.history.evals[-1].val_loss if self.history.evals else None
-            elif self.history.evals and self.history.evals[-1].step == self.step:
-                val = self.history.evals[-1].val_loss  # a restart after stop(): this step was evaluated
-            else:
-                self._sample("before")
-                val = self._eval().val_loss
-            batches = self._batches()
+            t0, val = self._begin(t0)
+            self._t0 = t0
+            batches_ = self._batches()
             while self.step < cfg.steps and not self._stop.is_set():
-                self._train_step(batches, t0)
+                self._train_step(batches_, t0)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
                     val = self._eval().val_loss
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
@@ -455,50 +409,36 @@ class FineTuner:
                 val = self._eval().val_loss
             self._sample("after")
             adapter = str(self.save_adapter())
-            end = EndEvent(self.step, self._stop.is_set(), adapter, time.perf_counter() - t0, val)
+            end = self._end_event(t0, val, adapter)
         except DivergedError as err:
-            kept = (
-                f"; the last good checkpoint (step {self._checkpoint_step}) stays in {self.run_dir}"
-                if self._checkpoint_step is not None
-                else ""
-            )
-            msg = f"{err}{kept}"
-            end = EndEvent(self.step, self._stop.is_set(), None, time.perf_counter() - t0, val, msg, True)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            kept = f"; the last good checkpoint (step {self._checkpoint_step}) is kept" if (
+                self._checkpoint_step is not None) else ""  # fmt: skip
+            warnings.warn(f"{err}{kept}", RuntimeWarning, stacklevel=2)
+            end = self._end_event(t0, val, None, f"{err}{kept}", diverged=True)
         except BaseException as err:  # KeyboardInterrupt too: listeners learn the run ended (then re-raised)
-            end = EndEvent(
-                self.step,
-                self._stop.is_set(),
-                None,
-                time.perf_counter() - t0,
-                val,
-                f"{type(err).__name__}: {err}",
-            )
-            self.history.end = end
             self.running = False
-            self._emit("on_end", end)
+            self._emit("on_end", self._end_event(t0, val, None, f"{type(err).__name__}: {err}"))
             raise
-        self.history.end = end
         self.running = False
         self._emit("on_end", end)
         return self.history
 
-    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], t0: float) -> None:
+    def _end_event(self, t0, val, adapter, error=None, diverged=False) -> EndEvent:
+        return EndEvent(self.step, self._stop.is_set(), adapter, time.perf_counter() - t0, val, error, diverged,
+                        tuple(self.history.warnings))  # fmt: skip
+
+    def _train_step(self, batches_: Iterator[dict[str, torch.Tensor]], t0: float) -> None:
         cfg = self.config
         start = time.perf_counter()
         total, tokens = 0.0, 0
         for k in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = next(batches_)
             if self._saved_bytes is None and k == 0 and not cfg.gradient_checkpointing:
-                from ..core.memory import SavedTensorRecorder
-
-                with SavedTensorRecorder(
-                    self.model
-                ) as rec:  # once: every step saves the same (shapes are fixed)
-                    loss, _ = self._loss(batch)
+                with SavedTensorRecorder(self.model) as rec:  # once: every step saves the same (fixed shapes)
+                    loss = self._loss(batch)
                 self._saved_bytes = rec.activation_bytes()
             else:
-                loss, _ = self._loss(batch)
+                loss = self._loss(batch)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
@@ -522,8 +462,15 @@ class FineTuner:
             self.step, total, lr, float(norm), tokens, tokens / dt, dt, time.perf_counter() - t0,
             self._saved_bytes, _peak_memory(),
         )  # fmt: skip
-        self.history.steps.append(event)
         self._emit("on_step", event)
+        if not self._plans_sent:  # plans exist once the first step ran every layer
+            self._plans_sent = True
+            plans = self.plans
+            rows = json.loads(plans.to_json(orient="records")) if len(plans) else []
+            self._emit("on_plans", PlansEvent(self.step, tuple(rows)))
+        message = self._guard.check(event) if self._guard is not None else None
+        if message:
+            self._warn(message)
 
 
 def _peak_memory() -> int:

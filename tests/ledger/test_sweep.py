@@ -15,10 +15,10 @@ import time
 import optuna
 import pytest
 
-from runlora_nb.tuning import Callback, SearchSpace, leaderboard, run_sweep
-from runlora_nb.tuning.runs import load_run
-from runlora_nb.tuning.space import parse_values
-from runlora_nb.tuning.sweep import open_study, storage_url
+from runlora_nb.ledger import SearchSpace, leaderboard, load_run, run_sweep
+from runlora_nb.ledger.space import parse_values
+from runlora_nb.ledger.sweep import open_study, storage_url
+from runlora_nb.train import Callback
 
 QUICK = {"seq_len": 32, "batch_size": 4, "eval_batches": 1, "eval_interval": 1}
 GRID = SearchSpace(r=[2, 4], lr=[1e-3, 3e-3])
@@ -157,7 +157,7 @@ def test_the_pruner_is_fed_each_eval_and_stops_the_run(tmp_path):
 
 def test_random_sampler_over_ranges_and_the_time_budget(tmp_path):
     class Slow(Callback):
-        def on_end(self, trainer, event):
+        def on_end(self, event):
             time.sleep(2.1)
 
     space = SearchSpace(r=(2, 4), lr=(1e-4, 1e-2, True), dropout=[0.0, 0.1])
@@ -175,7 +175,7 @@ def test_stop_ends_the_running_trial_and_resume_reruns_it(tmp_path):
     stop = threading.Event()
 
     class StopAtFirstStep(Callback):
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             stop.set()
 
     kwargs = {"config": _config(tmp_path), "pruner": None}
@@ -193,10 +193,10 @@ def test_ctrl_c_mid_trial_is_raised_and_resume_reruns_the_trial(tmp_path):
     class CtrlCInSecondTrial(Callback):
         started = 0
 
-        def on_start(self, trainer, event):
+        def on_start(self, event):
             CtrlCInSecondTrial.started += 1
 
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             if CtrlCInSecondTrial.started == 2:
                 raise KeyboardInterrupt
 
@@ -214,10 +214,10 @@ def test_a_failing_trial_is_recorded_with_its_error_and_uses_up_budget(tmp_path)
     class FailFirstTrial(Callback):
         started = 0
 
-        def on_start(self, trainer, event):
+        def on_start(self, event):
             FailFirstTrial.started += 1
 
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             if FailFirstTrial.started == 1:
                 raise RuntimeError("boom")
 
@@ -230,15 +230,17 @@ def test_a_failing_trial_is_recorded_with_its_error_and_uses_up_budget(tmp_path)
 KILLED_SWEEP = textwrap.dedent(
     """
     import os, signal, sys
-    from runlora_nb.tuning import Callback, SearchSpace, run_sweep
+    from runlora_nb.ledger import SearchSpace, run_sweep
+    from runlora_nb.train import Callback
 
     class KillInSecondTrial(Callback):
         started = 0
-        def on_start(self, trainer, event):
+        def on_start(self, event):
             KillInSecondTrial.started += 1
-        def on_step(self, trainer, event):
+            KillInSecondTrial.run_id = event.run_id
+        def on_step(self, event):
             if KillInSecondTrial.started == 2 and event.step == 1:
-                print(trainer.run_dir.name, flush=True)
+                print(KillInSecondTrial.run_id, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     run_sweep("tiny-llama", "sonnets", SearchSpace(r=[2, 4], lr=[1e-3, 3e-3]), 2, 3, "k", sys.argv[1],
@@ -286,7 +288,7 @@ def test_each_trial_reports_its_own_peak_not_the_high_water_mark_of_the_trials_b
     seen: list[int] = []
 
     class BigFirstTrial(Callback):
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             if not seen:  # the first trial's first step touches 600 MiB of its own mapping, then frees it
                 block = mmap.mmap(-1, big)
                 for offset in range(0, big, mmap.PAGESIZE):
@@ -342,7 +344,7 @@ def test_a_grid_point_another_worker_is_running_is_not_trained_again(tmp_path):
     started, release = threading.Event(), threading.Event()
 
     class HoldTheFirstTrial(Callback):
-        def on_start(self, trainer, event):
+        def on_start(self, event):
             started.set()
             assert release.wait(120)
 

@@ -1,6 +1,6 @@
 """Hyper-parameter sweeps on optuna: every trial is a run in the ledger, the study lives in SQLite, resumable.
 
-:func:`run_sweep` searches a :class:`~runlora_nb.tuning.space.SearchSpace` with optuna's grid, random or TPE
+:func:`run_sweep` searches a :class:`~runlora_nb.ledger.space.SearchSpace` with optuna's grid, random or TPE
 sampler, prunes with optuna's ``MedianPruner`` fed by each evaluation's validation loss (``trial.report`` /
 ``trial.should_prune`` from the engine's ``on_eval`` event), and stops at a trial budget, a time budget or a
 Stop request (a ``threading.Event`` or a callable). Each trial is a :class:`FineTuner` run recorded by the run
@@ -27,9 +27,12 @@ from dataclasses import fields, replace
 from typing import Any
 
 import pandas as pd
+import torch
 
-from .config import FineTuneConfig
-from .events import Callback
+from ..common.sysmem import reset_peak_rss
+from ..train.config import FineTuneConfig
+from ..train.events import Callback
+from .recorded import recorded_tuner
 from .space import SearchSpace
 from .sweep_storage import (
     _LIVE,
@@ -52,28 +55,39 @@ _COUNTED = {"complete", "pruned", "failed", "diverged"}  # outcomes that use up 
 
 
 class _TrialReporter(Callback):
-    """Feeds each evaluation to optuna's pruner and turns Stop requests into ``FineTuner.stop``."""
+    """Feeds each evaluation to optuna's pruner and turns Stop requests into a call of ``stop_run``.
 
-    def __init__(self, trial, stopping: Callable[[], bool], prune: bool) -> None:
-        self.trial, self.stopping, self.prune = trial, stopping, prune
+    Args:
+        trial: the optuna trial.
+        stopping: True when the whole sweep is asked to stop.
+        prune: whether the pruner may end the trial.
+        stop_run: ends the trial's run after the current step (the tuner's ``stop``).
+    """
+
+    def __init__(
+        self, trial, stopping: Callable[[], bool], prune: bool, stop_run: Callable[[], None]
+    ) -> None:
+        self.trial, self.stopping, self.prune, self.stop_run = trial, stopping, prune, stop_run
         self.pruned = self.stopped = False
         self.trainable = None
+        self.steps = 0
 
-    def on_start(self, trainer, event) -> None:
+    def on_start(self, event) -> None:
         self.trainable = event.trainable_params
+        self.steps = event.config.steps
 
-    def on_step(self, trainer, event) -> None:
+    def on_step(self, event) -> None:
         if self.stopping():
             self.stopped = True
-            trainer.stop()
+            self.stop_run()
 
-    def on_eval(self, trainer, event) -> None:
-        if event.step == 0 or not math.isfinite(event.val_loss) or event.step >= trainer.config.steps:
+    def on_eval(self, event) -> None:
+        if event.step == 0 or not math.isfinite(event.val_loss) or event.step >= self.steps:
             return  # the untrained model says nothing about the trial; the last eval is the result
         self.trial.report(event.val_loss, event.step)
         if self.prune and self.trial.should_prune():
             self.pruned = True
-            trainer.stop()
+            self.stop_run()
 
 
 class _Stopped(Exception):
@@ -125,9 +139,6 @@ def _grid_left(study, grid: dict[str, list]) -> bool:
 
 
 def _objective(space, base, callbacks, stopping, prune, grid=None):
-    from .engine import FineTuner
-    from .runs import new_run_dir
-
     optuna = _optuna()
 
     def objective(trial) -> float:
@@ -143,9 +154,9 @@ def _objective(space, base, callbacks, stopping, prune, grid=None):
                 trial.set_user_attr("duplicate_of", other.number)
                 trial.set_user_attr("grid_left", _grid_left(trial.study, grid))
                 raise optuna.TrialPruned(f"grid point already taken by trial {other.number}")
-            reporter = _TrialReporter(trial, stopping, prune)
-            tuner = FineTuner(cfg, [reporter, *callbacks])
-            tuner.run_dir = new_run_dir(cfg.backend, cfg.runs_dir)
+            tuner = recorded_tuner(cfg, callbacks)
+            reporter = _TrialReporter(trial, stopping, prune, tuner.stop)
+            tuner.add_callback(reporter)
             trial.set_user_attr("run_id", tuner.run_dir.name)
             try:
                 result = tuner.run()
@@ -195,10 +206,6 @@ def _objective(space, base, callbacks, stopping, prune, grid=None):
 
 
 def _reset_peak_memory() -> None:
-    import torch
-
-    from ..common.sysmem import reset_peak_rss
-
     reset_peak_rss()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()

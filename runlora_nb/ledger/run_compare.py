@@ -1,6 +1,6 @@
 """Runs side by side: their curves overlaid, the config fields that differ, a summary per run, a plotly figure.
 
-Reads the ledger through :mod:`runlora_nb.tuning.runs` only (``load_run``); it writes nothing.
+Reads the ledger through :mod:`runlora_nb.ledger.reader` only (``load_run``); it writes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..common.jsonfiles import finite_or_none
-from .runs import load_run
+from ..common.metrics import steady_tokens_per_s
+from .reader import load_run
 
 __all__ = ["Comparison", "compare"]
 
@@ -75,7 +76,9 @@ def compare(ids: list[str], root: str | os.PathLike | None = None) -> Comparison
                 "step": int(r.steps.step.max()) if len(r.steps) else 0,
                 "train_loss": float(r.steps.train_loss.iloc[-1]) if len(r.steps) else None,
                 "val_loss": float(r.evals.val_loss.iloc[-1]) if len(r.evals) else None,
-                "tokens_per_s": float(r.steps.tokens_per_s.iloc[1:].median()) if len(r.steps) > 1 else None,
+                "tokens_per_s": finite_or_none(steady_tokens_per_s(r.steps.tokens_per_s))
+                if len(r.steps)
+                else None,
             }
             for r in runs
         ]

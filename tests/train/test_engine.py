@@ -14,7 +14,7 @@ from runlora_nb.assets.tokenized import make_dataset
 from runlora_nb.assets.zoo import load_model
 from runlora_nb.common.numerics import rounding_bound
 from runlora_nb.integrations.inject import apply_runlora, runlora_layers
-from runlora_nb.tuning import Callback, FineTuneConfig, FineTuner, enable_checkpointing, with_backend
+from runlora_nb.train import Callback, FineTuneConfig, FineTuner, enable_checkpointing, with_backend
 
 QUICK = {
     "model": "tiny-llama",
@@ -101,19 +101,19 @@ class Recorder(Callback):
     def __init__(self):
         self.names = []
 
-    def on_start(self, trainer, event):
+    def on_start(self, event):
         self.names.append("start")
 
-    def on_sample(self, trainer, event):
+    def on_sample(self, event):
         self.names.append(f"sample:{event.stage}")
 
-    def on_step(self, trainer, event):
+    def on_step(self, event):
         self.names.append("step")
 
-    def on_eval(self, trainer, event):
+    def on_eval(self, event):
         self.names.append(f"eval@{event.step}")
 
-    def on_end(self, trainer, event):
+    def on_end(self, event):
         self.names.append("end")
 
 
@@ -142,18 +142,19 @@ def test_same_seed_same_run(tmp_path):
 
 
 class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
+    """Stops the run after step ``step`` through the stop function it is handed (never the trainer)."""
 
-    def on_step(self, trainer, event):
+    def __init__(self, step, stop=None):
+        self.step, self.stop = step, stop
+
+    def on_step(self, event):
         if event.step == self.step:
-            trainer.stop()
+            self.stop()
 
 
 def test_stop_from_a_callback_saves_an_adapter_peft_loads(tmp_path):
-    tuner = FineTuner(
-        FineTuneConfig(**QUICK, steps=50, eval_interval=0, output_dir=str(tmp_path)), [StopAt(3)]
-    )
+    tuner = FineTuner(FineTuneConfig(**QUICK, steps=50, eval_interval=0, output_dir=str(tmp_path)))
+    tuner.add_callback(StopAt(3, tuner.stop))
     res = tuner.run()
     assert res.end.stopped and res.end.step == 3 and len(res.steps) == 3
     base, _ = load_model("tiny-llama")
@@ -170,7 +171,7 @@ def test_stop_from_another_thread_ends_within_two_steps(tmp_path):
     first_step = threading.Event()
 
     class Signal(Callback):
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             first_step.set()
 
     tuner = FineTuner(
@@ -236,7 +237,7 @@ def test_run_is_refused_while_a_start_thread_trains(tmp_path):
     first_step, release = threading.Event(), threading.Event()
 
     class Hold(Callback):
-        def on_step(self, trainer, event):
+        def on_step(self, event):
             first_step.set()
             release.wait(60)
 
@@ -257,8 +258,9 @@ def test_run_is_refused_while_a_start_thread_trains(tmp_path):
 
 def test_restart_after_stop_does_not_evaluate_a_step_twice(tmp_path):
     """Issue 14 defect 18: run() again after stop() continued with a second evaluation of the stop step."""
-    stopper = StopAt(2)
-    tuner = FineTuner(FineTuneConfig(**QUICK, steps=4, eval_interval=0, output_dir=str(tmp_path)), [stopper])
+    tuner = FineTuner(FineTuneConfig(**QUICK, steps=4, eval_interval=0, output_dir=str(tmp_path)))
+    stopper = StopAt(2, tuner.stop)
+    tuner.add_callback(stopper)
     assert tuner.run().end.step == 2
     assert [e.step for e in tuner.history.evals] == [0, 2]
     stopper.step = None

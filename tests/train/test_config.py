@@ -7,7 +7,7 @@ import json
 import pytest
 
 from runlora_nb.assets import zoo
-from runlora_nb.tuning import FineTuneConfig
+from runlora_nb.train import FineTuneConfig
 
 
 @pytest.mark.parametrize("bad", [2.5, True, 0, "8"])
@@ -46,7 +46,7 @@ def test_model_race_refuses_a_sequence_past_the_positions():
 
 
 def test_yaml_config_round_trips_and_names_bad_fields(tmp_path):
-    from runlora_nb.tuning.config import load_config, save_config
+    from runlora_nb.train.config import load_config, save_config
 
     cfg = FineTuneConfig(model="tiny-llama", steps=3, r=4, lr=3e-3, targets=["q_proj", "v_proj"], seq_len=32)
     assert load_config(save_config(cfg, tmp_path / "run.yaml")) == cfg
@@ -68,7 +68,7 @@ def test_yaml_config_round_trips_and_names_bad_fields(tmp_path):
 
 
 def test_yaml_numbers_written_as_text_are_parsed(tmp_path):
-    from runlora_nb.tuning.config import load_config
+    from runlora_nb.train.config import load_config
 
     # PyYAML (YAML 1.1) reads 3e-4 without a dot as the string '3e-4'
     (tmp_path / "run.yaml").write_text("model: tiny-llama\nlr: 3e-4\nweight_decay: 1e-2\nsteps: '5'\n")
@@ -85,7 +85,7 @@ def test_yaml_numbers_written_as_text_are_parsed(tmp_path):
     ],
 )
 def test_yaml_bad_numbers_name_the_field_value_and_type(tmp_path, line, field, kind):
-    from runlora_nb.tuning.config import load_config
+    from runlora_nb.train.config import load_config
 
     (tmp_path / "run.yaml").write_text(f"model: tiny-llama\n{line}\n")
     with pytest.raises(ValueError, match=rf"{field} must be {kind}, got .* \((str|list)\)"):
@@ -101,7 +101,7 @@ def test_integer_fields_refuse_fractions(field):
 
 
 def test_yaml_fractional_steps_are_refused(tmp_path):
-    from runlora_nb.tuning.config import load_config
+    from runlora_nb.train.config import load_config
 
     (tmp_path / "run.yaml").write_text("model: tiny-llama\nsteps: 2.5\n")
     with pytest.raises(ValueError, match=r"steps must be an integer, got 2.5"):

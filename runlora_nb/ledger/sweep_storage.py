@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.paths import cache_dir
+from ..common.sysmem import pid_alive
 from .space import SearchSpace
 
 __all__ = ["open_study", "storage_url"]
@@ -103,14 +104,12 @@ def _rdb_storage(url: str):
 
 
 def _trial_is_dead(trial) -> bool:
-    from .runs import _pid_alive
-
     pid, host = trial.user_attrs.get("pid"), trial.user_attrs.get("host")
     if not isinstance(pid, int) or host != socket.gethostname():
         return False  # another machine's trial (optuna's heartbeat covers it) or not started yet
     if pid == os.getpid():
         return trial._trial_id not in _LIVE
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def _requeue(study, trial) -> None:
