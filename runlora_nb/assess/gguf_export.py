@@ -4,7 +4,10 @@ The merged model is written with the ``gguf`` package's :class:`gguf.GGUFWriter`
 ``convert_hf_to_gguf.py`` writes a ``LlamaForCausalLM``: llama hyper-parameters, tensors renamed with
 ``gguf.get_tensor_name_map`` (q/k projections permuted like ``LlamaModel.permute``, which transformers' GGUF
 loader reverses), no ``output.weight`` when the embeddings are tied, norms in f32, and the byte-level BPE
-tokenizer (``gpt2`` model: tokens, token types, merges, special ids, chat template) in the metadata.
+tokenizer (``gpt2`` model: tokens, token types, merges, space prefix, special ids, add-bos/eos, chat template)
+in the metadata, with the ``general.*`` keys llama.cpp prints. ``tokenizer.ggml.pre`` (the regex llama.cpp
+splits text with before BPE) is recognised from the tokenizer's behaviour as llama.cpp's converter does it
+(:func:`pre_tokenizer_name`); a tokenizer it cannot map is refused before anything is written.
 
 The file is then read back twice: with :class:`gguf.GGUFReader` (names, shapes, metadata) and with
 transformers (``from_pretrained(folder, gguf_file=...)``, as :mod:`runlora_nb.assets.gguf` loads GGUF), and
@@ -456,8 +459,11 @@ def _field(reader: Any, key: str) -> Any:
     return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
 
 
-def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
-    """Read ``path`` back with :class:`gguf.GGUFReader`; every name, shape and key figure must be as written.
+def _check_file(
+    path: Path, tensors: dict[str, np.ndarray], config: Any, pre: str, n_merges: int
+) -> dict[str, Any]:
+    """Read ``path`` back with :class:`gguf.GGUFReader`; every name, shape and key figure must be as written
+    (the pre-tokenizer and the merge count too: transformers' reload ignores both, llama.cpp does not).
 
     Raises:
         RuntimeError: a tensor is missing, extra or of another shape, or a metadata value differs.
@@ -476,6 +482,7 @@ def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict
         "llama.embedding_length": config.hidden_size,
         "llama.attention.head_count": config.num_attention_heads,
         "llama.attention.head_count_kv": config.num_key_value_heads,
+        "tokenizer.ggml.pre": pre,
     }
     for key, want in meta.items():
         got = _field(reader, key)
@@ -486,7 +493,13 @@ def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict
         raise RuntimeError(
             f"export gguf: {path.name} has {n_tokens} tokens, the model's vocab is {config.vocab_size}"
         )
-    return {"tensors": len(found), "tokens": n_tokens, "bytes": path.stat().st_size}
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    found_merges = -1 if merges is None else len(merges.data)
+    if found_merges != n_merges:
+        raise RuntimeError(
+            f"export gguf: {path.name} has {found_merges} merges (-1: no merges key), the tokenizer {n_merges}"
+        )
+    return {"tensors": len(found), "tokens": n_tokens, "merges": n_merges, "bytes": path.stat().st_size}
 
 
 def _coarser(dtype: torch.dtype, model: nn.Module) -> torch.dtype:
@@ -541,7 +554,7 @@ def export_gguf(
     tmp_dir = Path(tmp_dir)
     path = tmp_dir / gguf_file
     tensors = _write_gguf(path, merged, tokenizer, dtype, pre)
-    summary = _check_file(path, tensors, merged.config)
+    summary = _check_file(path, tensors, merged.config, pre, len(_merges(_bpe_json(tokenizer))))
     atomic_write_text(tmp_dir / modelfile, modelfile_text(tokenizer, gguf_file))
     with quiet_transformers():
         reloaded = AutoModelForCausalLM.from_pretrained(

@@ -237,6 +237,7 @@ def test_the_tiny_llama_gguf_has_llama_cpp_metadata(tmp_path):
     # llama.cpp refuses a gpt2 vocabulary without the merges key: present, and as long as the tokenizer's (0)
     assert "tokenizer.ggml.merges" in reader.fields and field(reader, "tokenizer.ggml.merges") == []
     assert field(reader, "tokenizer.ggml.pre") == "default" == result.parity["pre_tokenizer"]
+    assert result.parity["gguf"]["merges"] == 0  # the exporter's own read-back counted them
     assert field(reader, "tokenizer.ggml.add_space_prefix") is False
     assert (
         field(reader, "tokenizer.ggml.add_bos_token") is True
