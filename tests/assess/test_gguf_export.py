@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runlora_nb.assess.export import export_model, merged_copy
+from runlora_nb.assess.export import export_model, gguf_file_layout, merged_copy
 from runlora_nb.assess.gguf_export import (
     PRE_TOKENIZERS,
     _add_tokenizer,
@@ -319,3 +319,13 @@ def test_gguf_export_to_a_gguf_path_writes_that_file_and_its_sidecars(tmp_path):
         "tuned.gguf",
         "tuned.parity.json",
     ]
+
+
+def test_only_a_gguf_export_to_a_path_that_is_not_a_folder_is_a_file_export(tmp_path):
+    (tmp_path / "old.gguf").mkdir()  # a folder an earlier version made: it keeps the folder layout
+    assert gguf_file_layout(tmp_path / "new.GGUF", "gguf") and not gguf_file_layout(
+        tmp_path / "old.gguf", "gguf"
+    )
+    assert not gguf_file_layout(tmp_path / "x.gguf", "merged") and not gguf_file_layout(
+        tmp_path / "x", "gguf"
+    )
