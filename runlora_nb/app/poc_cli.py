@@ -2,6 +2,7 @@
 
 Examples:
     runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf --out exports/smol
+    runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf --out exports/smol.gguf
     runlora-nb memory --model smollm2-135m --batch 4 --seq 256 --rank 16 --budget-gib 8
 """
 
@@ -30,14 +31,22 @@ def add_parsers(sub) -> None:
     )
     ex.add_argument("--format", default="merged", choices=FORMATS)
     ex.add_argument(
-        "--out", required=True, help="destination folder (an earlier export there is replaced atomically)"
+        "--out",
+        required=True,
+        help="destination folder (an earlier export there is replaced atomically); with --format gguf, a path "
+        "ending in .gguf is written as that file, with X.Modelfile and X.parity.json beside it",
     )
     ex.add_argument(
         "--force",
         action="store_true",
-        help="replace --out even if it is a non-empty folder that is not an export",
+        help="replace --out even if it is a non-empty folder that is not an export (or existing .gguf files)",
     )
     ex.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"], help="GGUF tensor type")
+    ex.add_argument(
+        "--pre-tokenizer",
+        default=None,
+        help="GGUF: llama.cpp pre-tokenizer name (tokenizer.ggml.pre) for a tokenizer it is not recognised from",
+    )
 
     mem = sub.add_parser("memory", help="predict a fine-tune's memory, then measure it (PEFT vs runlora_nb)")
     mem.add_argument("--model", default="tiny-llama", help="zoo name or local folder")
@@ -55,7 +64,13 @@ def _export(args: argparse.Namespace) -> int:
     from ..assess.export import export_from_files
 
     result = export_from_files(
-        args.model, args.adapter, args.format, args.out, dtype=args.dtype, force=args.force
+        args.model,
+        args.adapter,
+        args.format,
+        args.out,
+        dtype=args.dtype,
+        force=args.force,
+        pre_tokenizer=args.pre_tokenizer,
     )
     print(f"{result.format} export: {result.path} ({', '.join(result.files)})")
     if not result.parity.get("ok", True):
@@ -63,7 +78,7 @@ def _export(args: argparse.Namespace) -> int:
         failed = ", ".join(result.parity["failed"])
         print(
             f"runlora-nb: error: export parity failed ({failed}): {result.path} does not behave like the tuned "
-            f"model; see {result.path / 'parity.json'} (the export is kept for inspection)",
+            f"model; see {result.parity_file} (the export is kept for inspection)",
             file=sys.stderr,
         )
         return 1

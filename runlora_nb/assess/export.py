@@ -4,6 +4,9 @@ Every export is built in a temporary sibling of ``out``, reloaded from there and
 tuned model (:func:`~runlora_nb.assess.parity.parity_report`); ``parity.json`` is written next to the artefact
 and only then is the folder renamed into place, so a failed export leaves nothing half-written.
 
+A GGUF export to a path ending in ``.gguf`` (``out/x.gguf``) writes that file, with ``x.Modelfile`` and
+``x.parity.json`` beside it, instead of a folder: llama.cpp and Ollama are handed the file itself.
+
 Example:
     >>> model, tok = load_model("tiny-llama"); apply_runlora(model, r=4)
     >>> result = export_model(model, tok, "out/merged", "merged")
@@ -17,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from ..common.paths import atomic_dir
-from .parity import PARITY_PROMPTS, format_parity, parity_report, write_parity
+from .parity import PARITY_FILE, PARITY_PROMPTS, format_parity, parity_report, write_parity
 
 __all__ = [
     "FORMATS",
@@ -35,8 +39,10 @@ __all__ = [
     "ExportResult",
     "base_copy",
     "check_destination",
+    "check_file_destination",
     "export_from_files",
     "export_model",
+    "gguf_file_layout",
     "merged_copy",
 ]
 
@@ -52,8 +58,10 @@ class ExportResult:
         format: ``peft``, ``merged`` or ``gguf``.
         path: the export folder.
         files: names of the files in it.
-        parity: the parity report (also in ``path/parity.json``).
+        parity: the parity report (also in :attr:`parity_file`).
         artefact: for GGUF, the ``.gguf`` file.
+        parity_file: where the parity report was written (``path/parity.json``, or ``x.parity.json`` beside
+            ``x.gguf``).
     """
 
     format: str
@@ -61,6 +69,7 @@ class ExportResult:
     files: list[str]
     parity: dict[str, Any] = field(default_factory=dict)
     artefact: Path | None = None
+    parity_file: Path | None = None
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -121,6 +130,53 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
             f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
         )
     return out
+
+
+def gguf_file_layout(out: str | os.PathLike, fmt: str) -> bool:
+    """Whether a ``fmt`` export to ``out`` writes the file ``out`` (a GGUF path ending in ``.gguf`` that is not
+    an existing folder, such as one an earlier version of this exporter made) rather than a folder."""
+    path = Path(out).expanduser()
+    return fmt == "gguf" and path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
+def _sidecars(out: Path) -> list[Path]:
+    """The files a ``.gguf`` file export writes: the Modelfile and parity report first, the GGUF last."""
+    return [out.with_suffix(".Modelfile"), out.with_name(f"{out.stem}.{PARITY_FILE}"), out]
+
+
+def check_file_destination(out: str | os.PathLike, force: bool = False) -> Path:
+    """Fail early, before any work, when the ``.gguf`` file ``out`` or its sidecars cannot be written.
+
+    Raises:
+        ValueError: ``out``, ``x.Modelfile`` or ``x.parity.json`` already exists (without ``force``) or is a
+            folder, an ancestor is a file, or the nearest existing ancestor is not writable.
+    """
+    out = Path(out).expanduser().absolute()
+    for path in _sidecars(out):
+        if path.is_dir():
+            raise ValueError(f"export: {path} is a folder; choose another --out file name")
+    existing = [p.name for p in _sidecars(out) if p.exists()]
+    if existing and not force:
+        raise ValueError(
+            f"export: {', '.join(existing)} already exist(s) in {out.parent}; choose another --out file name, "
+            "or pass --force (force=True) to replace them"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"export: cannot create {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
+        )
+    return out
+
+
+def _check_out(out: str | os.PathLike, fmt: str, force: bool) -> Path:
+    if gguf_file_layout(out, fmt):
+        return check_file_destination(out, force)
+    return check_destination(out, force)
 
 
 def _umask() -> int:
@@ -333,6 +389,63 @@ def _export_merged(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict
     )
 
 
+def _export_folder(
+    model: nn.Module, tokenizer: Any, out: Path, fmt: str, dtype: str, prompts, pre_tokenizer: str | None
+) -> tuple[dict[str, Any], list[str], Path | None]:
+    """Build the export folder in a temporary sibling, with ``parity.json`` and the manifest, then move it to
+    ``out`` (:func:`~runlora_nb.common.paths.atomic_dir`). Returns the report, the file names, the GGUF."""
+    artefact = None
+    with atomic_dir(out) as tmp:
+        if fmt == "peft":
+            report = _export_peft(model, tokenizer, tmp, prompts)
+        elif fmt == "merged":
+            report = _export_merged(model, tokenizer, tmp, prompts)
+        else:
+            from .gguf_export import export_gguf
+
+            report = export_gguf(
+                model, tokenizer, tmp, dtype, prompts, merged_copy(model), pre_tokenizer=pre_tokenizer
+            )
+            artefact = out / report["file"]
+        write_parity(tmp, report)
+        files = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
+        manifest = {"tool": "runlora_nb", "format": fmt, "files": files, "created": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _default_modes(tmp)
+    return report, files, artefact
+
+
+def _export_gguf_file(
+    model: nn.Module, tokenizer: Any, out: Path, dtype: str, prompts, pre_tokenizer: str | None
+) -> dict[str, Any]:
+    """Write ``out`` (``x.gguf``), ``x.Modelfile`` and ``x.parity.json``: built and checked in a temporary
+    sibling folder, then moved into place one by one, the GGUF last (a GGUF there always has its sidecars)."""
+    from .gguf_export import export_gguf
+
+    modelfile, parity_file, _ = _sidecars(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        report = export_gguf(
+            model,
+            tokenizer,
+            tmp,
+            dtype,
+            prompts,
+            merged_copy(model),
+            gguf_file=out.name,
+            modelfile=modelfile.name,
+            pre_tokenizer=pre_tokenizer,
+        )
+        os.replace(write_parity(tmp, report), tmp / parity_file.name)
+        _default_modes(tmp)
+        for path in _sidecars(out):
+            os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
 def export_model(
     model: nn.Module,
     tokenizer: Any,
@@ -343,6 +456,7 @@ def export_model(
     prompts: tuple[str, ...] = PARITY_PROMPTS,
     verbose: bool = True,
     force: bool = False,
+    pre_tokenizer: str | None = None,
 ) -> ExportResult:
     """Export a tuned model and check the artefact against it.
 
@@ -350,15 +464,22 @@ def export_model(
         model: a model with RunLoRA adapters (:func:`~runlora_nb.apply_runlora`), or a PEFT model.
         tokenizer: its tokenizer (required for ``merged`` and ``gguf``; saved with ``peft`` when given).
         out: the export folder (replaced atomically if it is an earlier export; see :func:`check_destination`).
+            For ``gguf``, a path ending in ``.gguf`` (not an existing folder) is the GGUF file itself, written
+            with ``x.Modelfile`` and ``x.parity.json`` beside it and no manifest (see
+            :func:`check_file_destination`).
         fmt: ``peft`` (adapter folder), ``merged`` (transformers folder: safetensors, tokenizer, generation
-            config) or ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``).
+            config) or ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``, or ``x.gguf`` as above).
         dtype: GGUF tensor type, ``f32``, ``f16`` or ``bf16`` (ignored for the other formats).
         prompts: the parity prompt set.
         verbose: print the parity line.
-        force: replace ``out`` even when it is a non-empty folder that is not an earlier export.
+        force: replace ``out`` even when it is a non-empty folder that is not an earlier export (or, for a
+            ``.gguf`` file, when the file or its sidecars exist).
+        pre_tokenizer: for ``gguf``, the ``tokenizer.ggml.pre`` name to write instead of the one recognised
+            from the tokenizer (see :func:`~.gguf_export.pre_tokenizer_name`).
 
     Returns:
-        An :class:`ExportResult`; ``parity.json`` and the manifest ``runlora_export.json`` are in the folder.
+        An :class:`ExportResult`; ``parity.json`` and the manifest ``runlora_export.json`` are in the folder
+        (for a ``.gguf`` file: ``x.parity.json`` beside it).
         A failed parity check (``result.parity["ok"]`` False, a :class:`~.parity.ParityWarning`) still writes
         the export, so that it can be inspected; the CLI then exits non-zero.
 
@@ -372,28 +493,23 @@ def export_model(
     if fmt != "peft":
         _check_tokenizer(tokenizer, fmt)
     if fmt == "gguf":
-        from .gguf_export import check_gguf_exportable
+        from .gguf_export import check_gguf_exportable, pre_tokenizer_name
 
         check_gguf_exportable(_inner(model), dtype)
-    out = check_destination(out, force)
-    had_export = out.is_dir() and any(out.iterdir())
-    artefact = None
+        pre_tokenizer_name(tokenizer, pre_tokenizer)  # an unknown tokenizer fails before any work
+    file_layout = gguf_file_layout(out, fmt)
+    out = _check_out(out, fmt, force)
+    had_export = out.exists() if file_layout else out.is_dir() and any(out.iterdir())
+    artefact, parity_file = None, out / PARITY_FILE
     try:
-        with atomic_dir(out) as tmp:
-            if fmt == "peft":
-                report = _export_peft(model, tokenizer, tmp, prompts)
-            elif fmt == "merged":
-                report = _export_merged(model, tokenizer, tmp, prompts)
-            else:
-                from .gguf_export import export_gguf
-
-                report = export_gguf(model, tokenizer, tmp, dtype, prompts, merged_copy(model))
-                artefact = out / report["file"]
-            write_parity(tmp, report)
-            files = sorted([*(p.name for p in tmp.iterdir()), MANIFEST])
-            manifest = {"tool": "runlora_nb", "format": fmt, "files": files, "created": time.time()}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            _default_modes(tmp)
+        if file_layout:
+            report = _export_gguf_file(model, tokenizer, out, dtype, prompts, pre_tokenizer)
+            artefact, parity_file = out, _sidecars(out)[1]
+            files = [p.name for p in _sidecars(out)]
+        else:
+            report, files, artefact = _export_folder(
+                model, tokenizer, out, fmt, dtype, prompts, pre_tokenizer
+            )
     except PermissionError as err:
         raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
     except Exception as err:  # atomic_dir has removed the partial folder; ``out`` is as it was
@@ -402,7 +518,7 @@ def export_model(
         raise
     if verbose:
         print(format_parity(report))
-    return ExportResult(fmt, out, files, report, artefact)
+    return ExportResult(fmt, out.parent if file_layout else out, files, report, artefact, parity_file)
 
 
 def export_from_files(
@@ -414,6 +530,7 @@ def export_from_files(
     dtype: str = "f16",
     verbose: bool = True,
     force: bool = False,
+    pre_tokenizer: str | None = None,
 ) -> ExportResult:
     """Load ``model`` (zoo name or folder) and its saved ``adapter`` folder, then :func:`export_model`.
 
@@ -423,7 +540,9 @@ def export_from_files(
     from ..assets.zoo import load_model
     from ..integrations.adapters import load_adapter
 
-    check_destination(out, force)  # before loading anything
+    _check_out(out, fmt, force)  # before loading anything
     base, tokenizer = load_model(model)
     tuned = load_adapter(base, adapter)
-    return export_model(tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose, force=force)
+    return export_model(
+        tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose, force=force, pre_tokenizer=pre_tokenizer
+    )

