@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from runlora_nb.assess.export import export_model, gguf_file_layout, merged_copy
 from runlora_nb.assess.gguf_export import (
     PRE_TOKENIZERS,
-    _add_tokenizer,
-    _empty_array_writer,
+    add_tokenizer,
     chktxt_hash,
+    empty_array_writer,
     modelfile_text,
     pre_tokenizer_name,
 )
@@ -198,8 +198,8 @@ def merged_bpe_tokenizer():
 
 def tokenizer_gguf(path, tokenizer, **kw):
     """A GGUF holding only the tokenizer keys the exporter writes (no tensors): cheap for a 49k vocab."""
-    writer = _empty_array_writer(gguf)(path, "llama")
-    _add_tokenizer(writer, tokenizer, len(tokenizer), **kw)
+    writer = empty_array_writer(gguf)(path, "llama")
+    add_tokenizer(writer, tokenizer, len(tokenizer), **kw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
