@@ -32,6 +32,8 @@ from transformers import TrainerCallback
 from ..common.metrics import perplexity
 from ..integrations.inject import runlora_layers
 from ..integrations.plans import plan_table
+from ..train.events import EndEvent
+from ..train.history import History
 from .folders import new_run_dir
 from .writer import RunWriter
 
@@ -145,6 +147,7 @@ class LedgerCallback(TrainerCallback):
     Attributes:
         dir: the run folder (set at ``on_train_begin``), ``id`` its name.
         records: every record sent to subscribers, in order (``(kind, record)``).
+        history: the same run as a :class:`~runlora_nb.train.History` (the tables and metrics of an engine run).
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class LedgerCallback(TrainerCallback):
         self.dir: Path | None = None
         self.id: str | None = None
         self.records: list[tuple[str, dict]] = []
+        self.history = History()
         self._listeners: list[Listener] = []
         self._ledger: RunWriter | None = None
         self._t_log = self._t0 = 0.0
@@ -180,6 +184,12 @@ class LedgerCallback(TrainerCallback):
 
     def _emit(self, kind: str, record: dict) -> None:
         self.records.append((kind, record))
+        if kind in ("step", "eval"):
+            self.history.record(kind, record)
+        elif kind == "end":
+            self.history.on_end(EndEvent(
+                record["step"], record["status"] == "stopped", None, record["elapsed_s"], record["val_loss"],
+                record["message"], record["status"] == "diverged"))  # fmt: skip
         for fn in list(self._listeners):
             fn(kind, record)
 
@@ -238,6 +248,7 @@ class LedgerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._hook(_calling_trainer())
+        self.records, self.history = [], History()  # one run per train() call
         settings = (
             _adapter_settings(model)
             if model is not None

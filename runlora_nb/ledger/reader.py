@@ -18,6 +18,7 @@ import pandas as pd
 from ..common.jsonfiles import read_json_dict
 from ..train.checkpoint import load_checkpoint
 from ..train.config import FineTuneConfig
+from ..train.history import History
 from .folders import effective_status, is_run_folder, run_dir, runs_root
 
 __all__ = [
@@ -134,6 +135,12 @@ class Run:
 
     def fine_tune_config(self) -> FineTuneConfig:
         return config_from_dict(self.config)
+
+    def history(self) -> History:
+        """The run as a :class:`~runlora_nb.train.History` (the same tables and metrics as a live run's)."""
+        steps = self.steps.astype(object).where(self.steps.notna(), None).to_dict("records")
+        evals = self.evals.astype(object).where(self.evals.notna(), None).to_dict("records")
+        return History.from_records(steps, evals, self.samples.to_dict("records"))
 
 
 def load_run(run_id: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:

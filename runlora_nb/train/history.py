@@ -9,7 +9,7 @@ in :mod:`runlora_nb.common.metrics`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import pandas as pd
@@ -33,6 +33,15 @@ __all__ = ["History"]
 def _known(cls: type, record: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in record.items() if k in names}
+
+
+def _complete(cls: type, record: dict[str, Any]) -> dict[str, Any]:
+    """``record``'s known fields, with NaN or None for the required ones it lacks (a Trainer logs fewer)."""
+    out = _known(cls, record)
+    for f in fields(cls):
+        if f.name not in out and f.default is MISSING:
+            out[f.name] = math.nan if f.type in ("float", float) else None
+    return out
 
 
 @dataclass
@@ -105,6 +114,41 @@ class History(Callback):
         return self.evals[-1].val_loss if self.evals else math.nan
 
     # ------------------------------------------------------------------------------------------- copies
+    @classmethod
+    def from_records(
+        cls,
+        steps: list[dict[str, Any]],
+        evals: list[dict[str, Any]] = (),
+        samples: list[dict[str, Any]] = (),
+        config: FineTuneConfig | None = None,
+    ) -> History:
+        """A history from recorded rows (a run folder's metrics, a Trainer's logs).
+
+        Step rows may name the loss ``train_loss`` (the ledger's column) or ``loss``; unknown keys are dropped,
+        missing optional fields are None.
+        """
+        history = cls(config)
+        for kind, rows in (("step", steps), ("eval", evals), ("sample", samples)):
+            for row in rows:
+                history.record(kind, row)
+        return history
+
+    def record(self, kind: str, row: dict[str, Any]) -> None:
+        """Feed one recorded row as the event it stands for: ``kind`` "step", "eval" or "sample".
+
+        Raises:
+            ValueError: another kind.
+        """
+        if kind == "step":
+            row = {("loss" if k == "train_loss" else k): v for k, v in row.items()}
+            self.on_step(StepEvent(**_complete(StepEvent, row)))
+        elif kind == "eval":
+            self.on_eval(EvalEvent(**_complete(EvalEvent, row)))
+        elif kind == "sample":
+            self.on_sample(SampleEvent(**_complete(SampleEvent, row)))
+        else:
+            raise ValueError(f"History.record: kind must be 'step', 'eval' or 'sample', got {kind!r}")
+
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
         """Steps, evals and samples as lists of plain dicts (what a checkpoint stores)."""
         return {

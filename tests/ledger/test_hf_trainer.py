@@ -87,6 +87,12 @@ def test_trainer_run_is_recorded(tmp_path, backend):
         run.evals.val_loss.iloc[-1]
     )
     assert len(compare([cb.id], tmp_path / "runs").curves) > 0
+    # one history: the callback's live one and the one read back from the folder agree, metric by metric
+    live, back = cb.history, run.history()
+    assert [s.step for s in live.steps] == [s.step for s in back.steps] == [1, 2, 3, 4]
+    assert [s.loss for s in live.steps] == pytest.approx([s.loss for s in back.steps])
+    assert live.tokens_per_s == pytest.approx(back.tokens_per_s) and live.tokens_per_s > 0
+    assert live.val_loss == pytest.approx(back.val_loss) and live.end.step == STEPS
 
 
 def test_trainer_stopped_early_is_marked_stopped(tmp_path):

@@ -143,6 +143,24 @@ def test_rm_refuses_folders_that_are_not_ledger_runs(tmp_path, monkeypatch, caps
     assert list_runs(root).empty  # the model folder under the root is not listed as a run either
 
 
+def test_a_run_read_back_is_the_same_history_as_the_live_one(tmp_path):
+    cfg = FineTuneConfig(
+        **QUICK, steps=3, eval_interval=2, sample_prompts=("Shall I",), runs_dir=str(tmp_path)
+    )
+    tuner = recorded_tuner(cfg)
+    live = tuner.run()
+    back = load_run(tuner.run_dir).history()
+    assert back.losses()[["step", "loss", "tokens", "tokens_per_s"]].equals(
+        live.losses()[["step", "loss", "tokens", "tokens_per_s"]]
+    )
+    assert back.eval_table()[["step", "val_loss", "tokens"]].equals(
+        live.eval_table()[["step", "val_loss", "tokens"]]
+    )
+    assert back.tokens_per_s == live.tokens_per_s
+    assert compare([tuner.run_dir.name], tmp_path).summary.tokens_per_s.iloc[0] == live.tokens_per_s
+    assert [(s.stage, s.text) for s in back.samples] == [(s.stage, s.text) for s in live.samples]
+
+
 def test_rm_force_never_deletes_a_run_alive_here(tmp_path):
     """Deleting a live run's folder left a ghost: its process wrote status and checkpoints back into it."""
     cfg = FineTuneConfig(**QUICK, steps=3, eval_interval=0, checkpoint_every=1, sample_prompts=(),
