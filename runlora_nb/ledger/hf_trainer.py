@@ -187,9 +187,10 @@ class LedgerCallback(TrainerCallback):
         if kind in ("step", "eval"):
             self.history.record(kind, record)
         elif kind == "end":
+            status = record.get("status")
             self.history.on_end(EndEvent(
-                record["step"], record["status"] == "stopped", None, record["elapsed_s"], record["val_loss"],
-                record["message"], record["status"] == "diverged"))  # fmt: skip
+                int(record.get("step", 0)), status == "stopped", None, float(record.get("elapsed_s", math.nan)),
+                record.get("val_loss"), record.get("message"), status == "diverged"))  # fmt: skip
         for fn in list(self._listeners):
             fn(kind, record)
 
