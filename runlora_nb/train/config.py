@@ -67,6 +67,9 @@ class FineTuneConfig:
         checkpoint_every: save a resumable checkpoint every this many steps (and always at Stop); 0: only at
             Stop.
         runs_dir: root of the run ledger (default ``$RUNLORA_NB_RUNS``, else the cache's ``runs/``).
+        device: ``"auto"`` (CUDA, then MPS, then the CPU), or a device name (``"cpu"``, ``"cuda:1"``, …).
+        autocast: mixed precision: ``"auto"`` (bf16 autocast of an fp32 base on a CUDA device that supports
+            it, adapters kept fp32; none on the CPU), ``"off"``, ``"bf16"`` or ``"fp16"``.
     """
 
     model: str = DEFAULT_MODEL
@@ -98,6 +101,8 @@ class FineTuneConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 20
     runs_dir: str | None = None
+    device: str = "auto"
+    autocast: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_kinds()
@@ -113,6 +118,15 @@ class FineTuneConfig:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.eval_interval >= 0, f"eval_interval must be >= 0, got {self.eval_interval}"),
+            (
+                self.autocast in ("auto", "off", "bf16", "fp16"),
+                f"autocast must be 'auto', 'off', 'bf16' or 'fp16', got {self.autocast!r}",
+            ),
+            (
+                _is_device_name(self.device),
+                f"device must be 'auto' or a torch device name such as 'cpu', 'cuda', "
+                f"'cuda:1' or 'mps', got {self.device!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -177,6 +191,19 @@ class FineTuneConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+def _is_device_name(name: Any) -> bool:
+    """Whether ``name`` parses as a device (whether this machine has it is checked when a run starts)."""
+    if name == "auto":
+        return True
+    import torch  # the config module stays light; the check needs torch's parser
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def with_backend(config: FineTuneConfig, backend: str) -> FineTuneConfig:

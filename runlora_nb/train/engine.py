@@ -41,6 +41,7 @@ from ..integrations.adapters import save_adapter
 from ..integrations.inject import trainable_parameters
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
+from .device import autocast_dtype, autocast_for, move_batch, peak_memory, resolve_device, to_device
 from .events import (
     CheckpointEvent,
     EndEvent,
@@ -125,6 +126,8 @@ class FineTuner:
         self._guard: UniformLossGuard | None = None
         self._plans_sent = False
         self.model: nn.Module | None = None
+        self.device: torch.device | None = None  # resolved from config.device by prepare()
+        self._autocast: torch.dtype | None = None
         self.tokenizer = None
         self.step = 0
         self._t0: float | None = None  # origin of elapsed_s (a resumed run shifts it back by its time)
@@ -227,6 +230,7 @@ class FineTuner:
         if self.model is not None:
             return
         cfg = self.config
+        self.device = resolve_device(cfg.device)
         data_task, model_task = task_of(cfg)
         torch.manual_seed(cfg.seed)
         if self._given is not None:
@@ -248,7 +252,10 @@ class FineTuner:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
-        self.model = add_adapters(model.train(), cfg)
+        # adapters are initialised where the model was loaded (the CPU's generator), then moved: a run on a GPU
+        # starts from the same A as one on the CPU
+        self.model = to_device(add_adapters(model.train(), cfg), self.device)
+        self._autocast = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
         self.tokenizer = tok
         self._params = list(trainable(self.model).values())
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -272,9 +279,10 @@ class FineTuner:
                 )
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        )
+        batch = move_batch(batch, self.device)
+        with autocast_for(self.device, self._autocast):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"])  # fmt: skip
         return out.loss
 
     def evaluate(self) -> EvalEvent:
@@ -284,7 +292,8 @@ class FineTuner:
         try:
             it = batches(self.val_set, self.config.batch_size, shuffle=False)
             for _, batch in zip(range(self.config.eval_batches), it):
-                part = batch_nll(self.model, batch)
+                with autocast_for(self.device, self._autocast):
+                    part = batch_nll(self.model, move_batch(batch, self.device))
                 nll, count, correct = nll + part.nll, count + part.count, correct + part.correct
         finally:
             self.model.train()
@@ -302,9 +311,8 @@ class FineTuner:
         tok, n = self.tokenizer, max_new_tokens or self.config.sample_tokens
         self.model.eval()
         try:
-            return [
-                greedy_continuation(self.model, tok, dict(tok(p, return_tensors="pt")), n) for p in prompts
-            ]
+            encoded = [move_batch(dict(tok(p, return_tensors="pt")), self.device) for p in prompts]
+            return [greedy_continuation(self.model, tok, ids, n) for ids in encoded]
         finally:
             self.model.train()
 
@@ -373,7 +381,7 @@ class FineTuner:
         cfg = self.config
         run_id = self.run_dir.name if self.run_dir is not None else None
         self._emit("on_start", StartEvent(cfg, counts.trainable, counts.total, len(self.train_set),
-                                          len(self.val_set), run_id))  # fmt: skip
+                                          len(self.val_set), run_id, str(self.device)))  # fmt: skip
         if self._guard is None:
             self._guard = UniformLossGuard(cfg, None if self.label_names else vocab_size(self.model))
         if self._resume_state is not None:
@@ -460,7 +468,7 @@ class FineTuner:
         dt = time.perf_counter() - start
         event = StepEvent(
             self.step, total, lr, float(norm), tokens, tokens / dt, dt, time.perf_counter() - t0,
-            self._saved_bytes, _peak_memory(),
+            self._saved_bytes, peak_memory(self.device, peak_rss_bytes()),
         )  # fmt: skip
         self._emit("on_step", event)
         if not self._plans_sent:  # plans exist once the first step ran every layer
@@ -471,11 +479,3 @@ class FineTuner:
         message = self._guard.check(event) if self._guard is not None else None
         if message:
             self._warn(message)
-
-
-def _peak_memory() -> int:
-    """Peak bytes so far: CUDA's allocator peak when CUDA is in use, else the process's peak RSS (since the last
-    :func:`~runlora_nb.common.sysmem.reset_peak_rss`, e.g. the start of a sweep trial)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss_bytes()

@@ -29,7 +29,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StartEvent:
-    """Emitted once the model, data and adapters are ready (``run_id``: the ledger's id, when recorded)."""
+    """Emitted once the model, data and adapters are ready (``run_id``: the ledger's id, when recorded;
+    ``device``: where the run trains)."""
 
     config: FineTuneConfig
     trainable_params: int
@@ -37,6 +38,7 @@ class StartEvent:
     train_rows: int
     val_rows: int
     run_id: str | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ class PrintProgress(Callback):
         self._steps = c.steps
         print(
             f"fine-tune {c.model} on {c.dataset} with {c.backend}: r={c.r}, {c.steps} steps × "
-            f"{c.tokens_per_step} tokens; trainable {event.trainable_params:,d} of {event.total_params:,d}"
+            f"{c.tokens_per_step} tokens on {event.device or 'cpu'}; trainable {event.trainable_params:,d} of "
+            f"{event.total_params:,d}"
         )
 
     def on_step(self, event):
