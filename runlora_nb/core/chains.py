@@ -179,6 +179,22 @@ def fwd2(op: Operands) -> torch.Tensor:
     return _base(op, op.merged_weight())
 
 
+def fwd3(op: Operands) -> torch.Tensor:
+    """Y = XW + s(XA)B with the rank-r path in the base dtype, for adapters wider than the base.
+
+    fwd1 casts X (N, i) to the adapter dtype, and Y (N, o) there and back, to add an fp32 adapter term to a bf16
+    Y. Here A and B are rounded to the base dtype instead (r×i and o×r elements, not N×i), and the products
+    accumulate in fp32 inside the bf16 kernels; the adapter term carries three more roundings of its own size,
+    below Y's own rounding whenever it is smaller than Y. Gradients are untouched: backward chains still form
+    dA and dB in the adapter dtype. With equal dtypes this is fwd1.
+    """
+    y = _base(op, op.wt)  # (N, o) in the base dtype
+    dt = y.dtype
+    xd = op.x if op.mask is None else op.mask.apply(op.x)  # (N, i) D(X), never cast
+    xa = xd @ op.a.to(dt).t()  # (N, r)
+    return y.addmm_(xa, op.b.to(dt).t(), alpha=op.s)
+
+
 def _fwd1_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
     return [Gemm(N, i, o), Gemm(N, i, r), Gemm(N, r, o, accumulate=True)]
 
@@ -328,6 +344,8 @@ class Chain:
         merged: True if it builds ``W + sAB`` (invalid with dropout; rounds sAB to the base dtype).
         gemm_list: ``(N, i, o, r[, needs]) -> list[Gemm]``, the products it performs.
         temps: ``(N, i, o, r, needs) -> int``, elements of the temporaries it allocates (besides outputs).
+        mixed_only: True for a chain that only differs from another when the adapters are wider than the base
+            (fp32 adapters on a bf16 base): it runs the adapter products in the base dtype, without N-row casts.
     """
 
     id: str
@@ -337,6 +355,7 @@ class Chain:
     merged: bool
     gemm_list: Callable[..., list[Gemm]]
     temps: Callable[[int, int, int, int, Needs], int]
+    mixed_only: bool = False
 
     def gemms(self, N: int, i: int, o: int, r: int, needs: Needs = ALL) -> list[Gemm]:
         """The GEMMs this chain runs for ``needs`` (forward chains ignore ``needs``)."""
@@ -379,6 +398,16 @@ FORWARD: dict[str, Chain] = {
     for c in (
         Chain("fwd1", "fwd", "Y = XW + s(XA)B", fwd1, False, _fwd1_gemms, _fwd_temps(False)),
         Chain("fwd2", "fwd", "Y = X(W + sAB)", fwd2, True, _fwd2_gemms, _fwd_temps(True)),
+        Chain(
+            "fwd3",
+            "fwd",
+            "Y = XW + s(XA)B, rank-r path in the base dtype",
+            fwd3,
+            False,
+            _fwd1_gemms,
+            _fwd_temps(False),
+            mixed_only=True,
+        ),
     )
 }
 
@@ -434,13 +463,17 @@ BACKWARD: dict[str, Chain] = {
 }
 
 
-def valid_pairs(dropout: float = 0.0, *, allow_merged: bool = True) -> Iterator[tuple[str, str]]:
+def valid_pairs(
+    dropout: float = 0.0, *, allow_merged: bool = True, mixed: bool = False
+) -> Iterator[tuple[str, str]]:
     """Every (fwd id, bwd id) pair valid under the given conditions.
 
     Args:
         dropout: adapter dropout probability; any p > 0 rules out the merged chains.
         allow_merged: False also rules them out (e.g. fp32 adapters on a bf16 base, where ``W + sAB`` would
             round the adapter's contribution to bf16).
+        mixed: True when the adapters are wider than the base dtype; only then are the ``mixed_only`` chains
+            candidates (with equal dtypes they repeat another chain).
 
     Yields:
         ``(fwd_id, bwd_id)`` in table order.
@@ -448,6 +481,8 @@ def valid_pairs(dropout: float = 0.0, *, allow_merged: bool = True) -> Iterator[
     merged_ok = allow_merged and dropout == 0.0
     for f in FORWARD.values():
         for b in BACKWARD.values():
+            if (f.mixed_only or b.mixed_only) and not mixed:
+                continue
             if merged_ok or not (f.merged or b.merged):
                 yield f.id, b.id
 

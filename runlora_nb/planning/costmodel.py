@@ -92,20 +92,26 @@ class CostModel:
     def _itemsize(self, name: str) -> int:
         return getattr(torch, name).itemsize
 
-    def gemm_seconds(self, g: Gemm, r: int, base: bool) -> float:
-        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: runs in the base dtype)."""
+    def gemm_seconds(self, g: Gemm, r: int, base: bool, skinny_itemsize: int | None = None) -> float:
+        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: runs in the base dtype;
+        ``skinny_itemsize``: element size of a skinny product's operands, default the adapter dtype's)."""
         cls = skinny_class(g, r)
         if cls is None:
             rate = self.base_flops if base else self.adapter_flops
             return g.flops / rate + self.overhead
         elems = g.m * g.k + g.k * g.n + g.m * g.n * (2 if g.accumulate else 1)
-        return elems * self._itemsize(self.adapter_dtype) / self.skinny_bw[cls] + self.overhead
+        itemsize = skinny_itemsize or self._itemsize(self.adapter_dtype)
+        return elems * itemsize / self.skinny_bw[cls] + self.overhead
 
     def chain_seconds(self, chain_id: str, n: int, i: int, o: int, r: int, needs: Needs) -> float:
         """Predicted seconds of one chain's GEMMs. Large products with the base weight (X·W, dY·Wᵀ) run in
         the base dtype; G = XᵀdY and the skinny products in the adapter dtype."""
         chain = FORWARD.get(chain_id) or BACKWARD[chain_id]
-        return sum(self.gemm_seconds(g, r, base=not g.trans_a) for g in chain.gemms(n, i, o, r, needs))
+        # a mixed_only chain streams base-dtype operands through its skinny products (the adapter dtype's
+        # bandwidth per byte is the one calibrated)
+        size = self._itemsize(self.base_dtype) if chain.mixed_only else None
+        gemms = chain.gemms(n, i, o, r, needs)
+        return sum(self.gemm_seconds(g, r, base=not g.trans_a, skinny_itemsize=size) for g in gemms)
 
     def pair_seconds(
         self, fwd: str, bwd: str, n: int, i: int, o: int, r: int, needs: Needs, dropout: bool, quant: str
@@ -119,8 +125,10 @@ class CostModel:
             masked = 1 + (1 if needs.adapter else 0) + (1 if needs.dx else 0)
             t += masked * n * i * self.mask_per_element
         passes = 0.0  # elementwise passes over N×i in the adapter dtype
-        if self.adapter_dtype != self.base_dtype:
-            passes += 1 + (1 if needs.adapter else 0)
+        if (
+            self.adapter_dtype != self.base_dtype
+        ):  # D(X) cast up in forward (not by mixed_only chains), backward
+            passes += (0 if FORWARD[fwd].mixed_only else 1) + (1 if needs.adapter else 0)
         t += passes * n * i * self._itemsize(self.adapter_dtype) * 2 / self.elementwise_bw
         if quant:
             t += (1 + (1 if needs.dx else 0)) * i * o * dequant_per_element(self.device, self.base_dtype)
