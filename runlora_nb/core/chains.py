@@ -67,7 +67,8 @@ class Gemm(NamedTuple):
     """One matrix product (m, k) @ (k, n).
 
     ``accumulate`` marks an addmm into an existing (m, n) output; ``trans_a`` marks a first operand that is a
-    transposed view (e.g. dYᵀ), which skinny kernels read at a different speed.
+    transposed view (e.g. dYᵀ), which skinny kernels read at a different speed; ``in_base`` marks a rank-r
+    product run in the base dtype although the adapters are wider (the ``mixed_only`` chains).
     """
 
     m: int
@@ -75,6 +76,7 @@ class Gemm(NamedTuple):
     n: int
     accumulate: bool = False
     trans_a: bool = False
+    in_base: bool = False
 
     @property
     def flops(self) -> int:
@@ -199,6 +201,10 @@ def _fwd1_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
     return [Gemm(N, i, o), Gemm(N, i, r), Gemm(N, r, o, accumulate=True)]
 
 
+def _fwd3_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
+    return [Gemm(N, i, o), Gemm(N, i, r, in_base=True), Gemm(N, r, o, accumulate=True, in_base=True)]
+
+
 def _fwd2_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
     return [Gemm(o, r, i, accumulate=True), Gemm(N, i, o)]
 
@@ -218,6 +224,18 @@ def _dx_plain(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if ta.dtype == dy.dtype:
         return ta.addmm_(dy, op.wt)  # the base product accumulates into it: one pass fewer
     return (dy @ op.wt).add_(ta.to(dy.dtype))
+
+
+def _dx_in_base(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dX = dY·Wᵀ + s·T·Aᵀ with the adapter term in the base dtype: T (N, r) and A rounded to it, accumulated into
+    dX by one addmm instead of an adapter-dtype (N, i) temporary that is cast down and added."""
+    dt = dy.dtype
+    t_b, a_b = t.to(dt), op.a.to(dt)  # (N, r), (r, i)
+    if op.mask is None:
+        return (dy @ op.wt).addmm_(t_b, a_b)
+    return op.mask.apply_(t_b @ a_b).addmm_(
+        dy, op.wt
+    )  # masked adapter term, base product accumulated into it
 
 
 def _dx_merged(op: Operands, dy: torch.Tensor) -> torch.Tensor:
@@ -242,6 +260,16 @@ def bwd2(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
     da = t.t() @ op.xd if needs.da else None
     db = (_g_t(op, dy_a) @ op.a.t()).mul_(op.s) if needs.db else None
     dx = _dx_plain(op, dy, t) if needs.dx else None
+    return dx, da, db
+
+
+def bwd6(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """bwd1 with dX's adapter term in the base dtype (for adapters wider than the base; dA, dB unchanged)."""
+    dy_a = dy.to(op.a.dtype)
+    t = _t(op, dy_a) if (needs.da or needs.dx) else None
+    da = t.t() @ op.xd if needs.da else None
+    db = _db_from_xa(op, dy_a) if needs.db else None
+    dx = _dx_in_base(op, dy, t) if needs.dx else None
     return dx, da, db
 
 
@@ -291,6 +319,14 @@ def _bwd1_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
     g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
     g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
+    return g
+
+
+def _bwd6_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
+    g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
+    g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True, in_base=True)] if needs.dx else []
     return g
 
 
@@ -404,7 +440,7 @@ FORWARD: dict[str, Chain] = {
             "Y = XW + s(XA)B, rank-r path in the base dtype",
             fwd3,
             False,
-            _fwd1_gemms,
+            _fwd3_gemms,
             _fwd_temps(False),
             mixed_only=True,
         ),
@@ -458,6 +494,16 @@ BACKWARD: dict[str, Chain] = {
             True,
             _bwd5_gemms,
             _bwd_temps(t=True, xa=True, g=False, merged=True),
+        ),
+        Chain(
+            "bwd6",
+            "bwd",
+            "bwd1 with dX's adapter term s·T·Aᵀ in the base dtype",
+            bwd6,
+            False,
+            _bwd6_gemms,
+            _bwd_temps(t=True, xa=True, g=False, merged=False),
+            mixed_only=True,
         ),
     )
 }

@@ -92,26 +92,22 @@ class CostModel:
     def _itemsize(self, name: str) -> int:
         return getattr(torch, name).itemsize
 
-    def gemm_seconds(self, g: Gemm, r: int, base: bool, skinny_itemsize: int | None = None) -> float:
-        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: runs in the base dtype;
-        ``skinny_itemsize``: element size of a skinny product's operands, default the adapter dtype's)."""
+    def gemm_seconds(self, g: Gemm, r: int, base: bool) -> float:
+        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: a large product in the base dtype;
+        a skinny one marked ``in_base`` streams base-dtype bytes at the adapter dtype's calibrated bandwidth)."""
         cls = skinny_class(g, r)
         if cls is None:
             rate = self.base_flops if base else self.adapter_flops
             return g.flops / rate + self.overhead
         elems = g.m * g.k + g.k * g.n + g.m * g.n * (2 if g.accumulate else 1)
-        itemsize = skinny_itemsize or self._itemsize(self.adapter_dtype)
+        itemsize = self._itemsize(self.base_dtype if g.in_base else self.adapter_dtype)
         return elems * itemsize / self.skinny_bw[cls] + self.overhead
 
     def chain_seconds(self, chain_id: str, n: int, i: int, o: int, r: int, needs: Needs) -> float:
         """Predicted seconds of one chain's GEMMs. Large products with the base weight (X·W, dY·Wᵀ) run in
         the base dtype; G = XᵀdY and the skinny products in the adapter dtype."""
         chain = FORWARD.get(chain_id) or BACKWARD[chain_id]
-        # a mixed_only chain streams base-dtype operands through its skinny products (the adapter dtype's
-        # bandwidth per byte is the one calibrated)
-        size = self._itemsize(self.base_dtype) if chain.mixed_only else None
-        gemms = chain.gemms(n, i, o, r, needs)
-        return sum(self.gemm_seconds(g, r, base=not g.trans_a, skinny_itemsize=size) for g in gemms)
+        return sum(self.gemm_seconds(g, r, base=not g.trans_a) for g in chain.gemms(n, i, o, r, needs))
 
     def pair_seconds(
         self, fwd: str, bwd: str, n: int, i: int, o: int, r: int, needs: Needs, dropout: bool, quant: str

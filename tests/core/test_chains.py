@@ -28,6 +28,9 @@ def paper_table(chain_id, n, i, o, r):
         "bwd3": 4 * n * i * o + 2 * n * i * r + 2 * n * r * o + 4 * i * r * o,
         "bwd4": 4 * n * i * o + 6 * i * r * o,
         "bwd5": 2 * n * i * o + 4 * n * i * r + 4 * n * r * o + 2 * i * r * o,
+        "bwd6": 2 * n * i * o
+        + 6 * n * i * r
+        + 4 * n * r * o,  # bwd1's products, dX's adapter term in the base dtype
     }[chain_id]
 
 
@@ -125,7 +128,14 @@ def test_valid_pairs_exclude_merged_chains_with_dropout():
     assert with_dropout == [("fwd1", "bwd1"), ("fwd1", "bwd2"), ("fwd1", "bwd3")]
     assert list(valid_pairs(0.0, allow_merged=False)) == with_dropout
     mixed = list(valid_pairs(0.1, allow_merged=False, mixed=True))
-    assert mixed == [*with_dropout, ("fwd3", "bwd1"), ("fwd3", "bwd2"), ("fwd3", "bwd3")]
+    assert mixed == [
+        *with_dropout,
+        ("fwd1", "bwd6"),
+        ("fwd3", "bwd1"),
+        ("fwd3", "bwd2"),
+        ("fwd3", "bwd3"),
+        ("fwd3", "bwd6"),
+    ]
     for f, b in with_dropout:
         assert FORWARD[f].valid_with_dropout() and BACKWARD[b].valid_with_dropout()
     assert not FORWARD["fwd2"].valid_with_dropout()
@@ -199,3 +209,23 @@ def test_fwd3_with_equal_dtypes_is_fwd1():
     mask = DropoutMask(0.3, 12345)
     torch.testing.assert_close(FORWARD["fwd3"].fn(_operands(mask)), FORWARD["fwd1"].fn(_operands(mask)))
     torch.testing.assert_close(FORWARD["fwd3"].fn(_operands()), FORWARD["fwd1"].fn(_operands()))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd6_meets_the_bf16_bound_and_keeps_fp32_adapter_grads(p):
+    """bwd6's dX meets the bf16 bound against float64 and the pair bound of bwd1; dA and dB are bwd1's."""
+    mask = DropoutMask(p, 7) if p else None
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(N, O, generator=g).to(torch.bfloat16)
+    dx6, da6, db6 = BACKWARD["bwd6"].fn(_mixed_operands(mask), dy, ALL)
+    dx1, da1, db1 = BACKWARD["bwd1"].fn(_mixed_operands(mask), dy, ALL)
+    op = _mixed_operands()
+    keep = mask.keep((N, I)) if mask else torch.ones(N, I, dtype=torch.bool)
+    w, a, b, d = op.weight.double(), op.a.double(), op.b.double(), dy.double()
+    ref = d @ w + op.s * ((d @ b) @ a) * keep
+    k = max(N, I, O, R)
+    assert dx6.dtype == torch.bfloat16
+    assert rel_err(dx6, ref) <= rounding_bound(torch.bfloat16, k, 3)
+    assert rel_err(dx6, dx1) <= pair_difference_bound(torch.bfloat16, k)
+    torch.testing.assert_close(da6, da1, rtol=0, atol=0)
+    torch.testing.assert_close(db6, db1, rtol=0, atol=0)
