@@ -67,7 +67,8 @@ class Gemm(NamedTuple):
     """One matrix product (m, k) @ (k, n).
 
     ``accumulate`` marks an addmm into an existing (m, n) output; ``trans_a`` marks a first operand that is a
-    transposed view (e.g. dYᵀ), which skinny kernels read at a different speed.
+    transposed view (e.g. dYᵀ), which skinny kernels read at a different speed; ``in_base`` marks a rank-r
+    product run in the base dtype although the adapters are wider (the ``mixed_only`` chains).
     """
 
     m: int
@@ -75,6 +76,7 @@ class Gemm(NamedTuple):
     n: int
     accumulate: bool = False
     trans_a: bool = False
+    in_base: bool = False
 
     @property
     def flops(self) -> int:
@@ -179,8 +181,28 @@ def fwd2(op: Operands) -> torch.Tensor:
     return _base(op, op.merged_weight())
 
 
+def fwd3(op: Operands) -> torch.Tensor:
+    """Y = XW + s(XA)B with the rank-r path in the base dtype, for adapters wider than the base.
+
+    fwd1 casts X (N, i) to the adapter dtype, and Y (N, o) there and back, to add an fp32 adapter term to a bf16
+    Y. Here A and B are rounded to the base dtype instead (r×i and o×r elements, not N×i), and the products
+    accumulate in fp32 inside the bf16 kernels; the adapter term carries three more roundings of its own size,
+    below Y's own rounding whenever it is smaller than Y. Gradients are untouched: backward chains still form
+    dA and dB in the adapter dtype. With equal dtypes this is fwd1.
+    """
+    y = _base(op, op.wt)  # (N, o) in the base dtype
+    dt = y.dtype
+    xd = op.x if op.mask is None else op.mask.apply(op.x)  # (N, i) D(X), never cast
+    xa = xd @ op.a.to(dt).t()  # (N, r)
+    return y.addmm_(xa, op.b.to(dt).t(), alpha=op.s)
+
+
 def _fwd1_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
     return [Gemm(N, i, o), Gemm(N, i, r), Gemm(N, r, o, accumulate=True)]
+
+
+def _fwd3_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
+    return [Gemm(N, i, o), Gemm(N, i, r, in_base=True), Gemm(N, r, o, accumulate=True, in_base=True)]
 
 
 def _fwd2_gemms(N: int, i: int, o: int, r: int) -> list[Gemm]:
@@ -202,6 +224,18 @@ def _dx_plain(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if ta.dtype == dy.dtype:
         return ta.addmm_(dy, op.wt)  # the base product accumulates into it: one pass fewer
     return (dy @ op.wt).add_(ta.to(dy.dtype))
+
+
+def _dx_in_base(op: Operands, dy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dX = dY·Wᵀ + s·T·Aᵀ with the adapter term in the base dtype: T (N, r) and A rounded to it, accumulated into
+    dX by one addmm instead of an adapter-dtype (N, i) temporary that is cast down and added."""
+    dt = dy.dtype
+    t_b, a_b = t.to(dt), op.a.to(dt)  # (N, r), (r, i)
+    if op.mask is None:
+        return (dy @ op.wt).addmm_(t_b, a_b)
+    return op.mask.apply_(t_b @ a_b).addmm_(
+        dy, op.wt
+    )  # masked adapter term, base product accumulated into it
 
 
 def _dx_merged(op: Operands, dy: torch.Tensor) -> torch.Tensor:
@@ -226,6 +260,16 @@ def bwd2(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
     da = t.t() @ op.xd if needs.da else None
     db = (_g_t(op, dy_a) @ op.a.t()).mul_(op.s) if needs.db else None
     dx = _dx_plain(op, dy, t) if needs.dx else None
+    return dx, da, db
+
+
+def bwd6(op: Operands, dy: torch.Tensor, needs: Needs) -> Grads:
+    """bwd1 with dX's adapter term in the base dtype (for adapters wider than the base; dA, dB unchanged)."""
+    dy_a = dy.to(op.a.dtype)
+    t = _t(op, dy_a) if (needs.da or needs.dx) else None
+    da = t.t() @ op.xd if needs.da else None
+    db = _db_from_xa(op, dy_a) if needs.db else None
+    dx = _dx_in_base(op, dy, t) if needs.dx else None
     return dx, da, db
 
 
@@ -275,6 +319,14 @@ def _bwd1_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
     g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
     g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
     g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True)] if needs.dx else []
+    return g
+
+
+def _bwd6_gemms(N, i, o, r, needs: Needs) -> list[Gemm]:
+    g = [_t_gemm(N, i, o, r)] if (needs.da or needs.dx) else []
+    g += [Gemm(r, N, i, trans_a=True)] if needs.da else []
+    g += [Gemm(N, i, r), Gemm(r, N, o, trans_a=True)] if needs.db else []
+    g += [Gemm(N, o, i), Gemm(N, r, i, accumulate=True, in_base=True)] if needs.dx else []
     return g
 
 
@@ -328,6 +380,8 @@ class Chain:
         merged: True if it builds ``W + sAB`` (invalid with dropout; rounds sAB to the base dtype).
         gemm_list: ``(N, i, o, r[, needs]) -> list[Gemm]``, the products it performs.
         temps: ``(N, i, o, r, needs) -> int``, elements of the temporaries it allocates (besides outputs).
+        mixed_only: True for a chain that only differs from another when the adapters are wider than the base
+            (fp32 adapters on a bf16 base): it runs the adapter products in the base dtype, without N-row casts.
     """
 
     id: str
@@ -337,6 +391,7 @@ class Chain:
     merged: bool
     gemm_list: Callable[..., list[Gemm]]
     temps: Callable[[int, int, int, int, Needs], int]
+    mixed_only: bool = False
 
     def gemms(self, N: int, i: int, o: int, r: int, needs: Needs = ALL) -> list[Gemm]:
         """The GEMMs this chain runs for ``needs`` (forward chains ignore ``needs``)."""
@@ -379,6 +434,16 @@ FORWARD: dict[str, Chain] = {
     for c in (
         Chain("fwd1", "fwd", "Y = XW + s(XA)B", fwd1, False, _fwd1_gemms, _fwd_temps(False)),
         Chain("fwd2", "fwd", "Y = X(W + sAB)", fwd2, True, _fwd2_gemms, _fwd_temps(True)),
+        Chain(
+            "fwd3",
+            "fwd",
+            "Y = XW + s(XA)B, rank-r path in the base dtype",
+            fwd3,
+            False,
+            _fwd3_gemms,
+            _fwd_temps(False),
+            mixed_only=True,
+        ),
     )
 }
 
@@ -430,17 +495,31 @@ BACKWARD: dict[str, Chain] = {
             _bwd5_gemms,
             _bwd_temps(t=True, xa=True, g=False, merged=True),
         ),
+        Chain(
+            "bwd6",
+            "bwd",
+            "bwd1 with dX's adapter term s·T·Aᵀ in the base dtype",
+            bwd6,
+            False,
+            _bwd6_gemms,
+            _bwd_temps(t=True, xa=True, g=False, merged=False),
+            mixed_only=True,
+        ),
     )
 }
 
 
-def valid_pairs(dropout: float = 0.0, *, allow_merged: bool = True) -> Iterator[tuple[str, str]]:
+def valid_pairs(
+    dropout: float = 0.0, *, allow_merged: bool = True, mixed: bool = False
+) -> Iterator[tuple[str, str]]:
     """Every (fwd id, bwd id) pair valid under the given conditions.
 
     Args:
         dropout: adapter dropout probability; any p > 0 rules out the merged chains.
         allow_merged: False also rules them out (e.g. fp32 adapters on a bf16 base, where ``W + sAB`` would
             round the adapter's contribution to bf16).
+        mixed: True when the adapters are wider than the base dtype; only then are the ``mixed_only`` chains
+            candidates (with equal dtypes they repeat another chain).
 
     Yields:
         ``(fwd_id, bwd_id)`` in table order.
@@ -448,6 +527,8 @@ def valid_pairs(dropout: float = 0.0, *, allow_merged: bool = True) -> Iterator[
     merged_ok = allow_merged and dropout == 0.0
     for f in FORWARD.values():
         for b in BACKWARD.values():
+            if (f.mixed_only or b.mixed_only) and not mixed:
+                continue
             if merged_ok or not (f.merged or b.merged):
                 yield f.id, b.id
 

@@ -158,7 +158,7 @@ def _candidates(
         cands.append(Candidate(name, "twin", plan_layer, plan.fwd, plan.bwd, plan.flops, predicted))
     if include_pairs:
         allow_merged = spec.torch_adapter_dtype.itemsize <= spec.torch_dtype.itemsize
-        for pair in valid_pairs(spec.dropout, allow_merged=allow_merged):
+        for pair in valid_pairs(spec.dropout, allow_merged=allow_merged, mixed=not allow_merged):
             cands.append(
                 Candidate(
                     "+".join(pair),

@@ -93,13 +93,15 @@ class CostModel:
         return getattr(torch, name).itemsize
 
     def gemm_seconds(self, g: Gemm, r: int, base: bool) -> float:
-        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: runs in the base dtype)."""
+        """Predicted seconds of one GEMM of a chain with rank ``r`` (``base``: a large product in the base dtype;
+        a skinny one marked ``in_base`` streams base-dtype bytes at the adapter dtype's calibrated bandwidth)."""
         cls = skinny_class(g, r)
         if cls is None:
             rate = self.base_flops if base else self.adapter_flops
             return g.flops / rate + self.overhead
         elems = g.m * g.k + g.k * g.n + g.m * g.n * (2 if g.accumulate else 1)
-        return elems * self._itemsize(self.adapter_dtype) / self.skinny_bw[cls] + self.overhead
+        itemsize = self._itemsize(self.base_dtype if g.in_base else self.adapter_dtype)
+        return elems * itemsize / self.skinny_bw[cls] + self.overhead
 
     def chain_seconds(self, chain_id: str, n: int, i: int, o: int, r: int, needs: Needs) -> float:
         """Predicted seconds of one chain's GEMMs. Large products with the base weight (X·W, dY·Wᵀ) run in
@@ -119,8 +121,10 @@ class CostModel:
             masked = 1 + (1 if needs.adapter else 0) + (1 if needs.dx else 0)
             t += masked * n * i * self.mask_per_element
         passes = 0.0  # elementwise passes over N×i in the adapter dtype
-        if self.adapter_dtype != self.base_dtype:
-            passes += 1 + (1 if needs.adapter else 0)
+        if (
+            self.adapter_dtype != self.base_dtype
+        ):  # D(X) cast up in forward (not by mixed_only chains), backward
+            passes += (0 if FORWARD[fwd].mixed_only else 1) + (1 if needs.adapter else 0)
         t += passes * n * i * self._itemsize(self.adapter_dtype) * 2 / self.elementwise_bw
         if quant:
             t += (1 + (1 if needs.dx else 0)) * i * o * dequant_per_element(self.device, self.base_dtype)

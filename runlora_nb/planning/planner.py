@@ -221,6 +221,13 @@ def _allow_merged(key: PlanKey) -> bool:
     return adapter.itemsize <= base.itemsize or not adapter.is_floating_point
 
 
+def _pairs(key: PlanKey, dropout: float) -> list[tuple[str, str]]:
+    """The candidate pairs for ``key``: adapters wider than the base rule out the merged chains and bring in
+    the chains that run the rank-r path in the base dtype."""
+    allow = _allow_merged(key)
+    return list(valid_pairs(dropout, allow_merged=allow, mixed=not allow))
+
+
 def _from_disk(key: PlanKey) -> ChainPlan | None:
     """The stored plan for ``key`` if it is one the planner could have made for it, else None (with a warning).
 
@@ -235,7 +242,7 @@ def _from_disk(key: PlanKey) -> ChainPlan | None:
     except (TypeError, ValueError) as err:
         problem = str(err)
     else:
-        valid = set(valid_pairs(0.1 if key.dropout else 0.0, allow_merged=_allow_merged(key)))
+        valid = set(_pairs(key, 0.1 if key.dropout else 0.0))
         shape = (key.n_tokens, key.in_features, key.out_features, key.rank, key.needs)
         if plan.pair not in valid:
             problem = f"pair {'+'.join(plan.pair)} is not valid for it (dropout={key.dropout})"
@@ -270,10 +277,6 @@ def clear_cache(disk: bool = False) -> None:
         if disk:
             (cache_dir() / _CACHE_FILE).unlink(missing_ok=True)
             _disk = None
-
-
-def _candidates(dropout: float, allow_merged: bool) -> list[tuple[str, str]]:
-    return list(valid_pairs(dropout, allow_merged=allow_merged))
 
 
 def _by_flops(key: PlanKey, pairs: list[tuple[str, str]], itemsize: int) -> ChainPlan:
@@ -436,7 +439,7 @@ def plan_chains(
     with _lock:
         plan = _memory.get(key) or (_from_disk(key) if mode != "flops" else None)
         if plan is None:
-            pairs = _candidates(dropout, _allow_merged(key))
+            pairs = _pairs(key, dropout)
             choose = {"flops": _by_flops, "auto": _by_model, "timed": _by_timing}[mode]
             plan = choose(key, pairs, dtype.itemsize)
             if mode != "flops":

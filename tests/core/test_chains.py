@@ -6,8 +6,10 @@ import itertools
 
 import pytest
 import torch
+from testutil import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from runlora_nb.common.numerics import pair_difference_bound, rounding_bound
 from runlora_nb.core.chains import ALL, BACKWARD, FORWARD, Needs, Operands, pair_flops, valid_pairs
 from runlora_nb.core.dropout import DropoutMask
 
@@ -20,11 +22,15 @@ def paper_table(chain_id, n, i, o, r):
     return {
         "fwd1": 2 * n * i * o + 2 * n * i * r + 2 * n * r * o,
         "fwd2": 2 * n * i * o + 2 * i * r * o,
+        "fwd3": 2 * n * i * o + 2 * n * i * r + 2 * n * r * o,  # fwd1's products, in the base dtype
         "bwd1": 2 * n * i * o + 6 * n * i * r + 4 * n * r * o,
         "bwd2": 4 * n * i * o + 4 * n * i * r + 2 * n * r * o + 2 * i * r * o,
         "bwd3": 4 * n * i * o + 2 * n * i * r + 2 * n * r * o + 4 * i * r * o,
         "bwd4": 4 * n * i * o + 6 * i * r * o,
         "bwd5": 2 * n * i * o + 4 * n * i * r + 4 * n * r * o + 2 * i * r * o,
+        "bwd6": 2 * n * i * o
+        + 6 * n * i * r
+        + 4 * n * r * o,  # bwd1's products, dX's adapter term in the base dtype
     }[chain_id]
 
 
@@ -117,10 +123,19 @@ def test_regimes_from_the_paper():
 
 def test_valid_pairs_exclude_merged_chains_with_dropout():
     everything = list(valid_pairs(0.0))
-    assert len(everything) == len(FORWARD) * len(BACKWARD) == 10
+    assert len(everything) == 10 and not any(FORWARD[f].mixed_only for f, _ in everything)
     with_dropout = list(valid_pairs(0.1))
     assert with_dropout == [("fwd1", "bwd1"), ("fwd1", "bwd2"), ("fwd1", "bwd3")]
     assert list(valid_pairs(0.0, allow_merged=False)) == with_dropout
+    mixed = list(valid_pairs(0.1, allow_merged=False, mixed=True))
+    assert mixed == [
+        *with_dropout,
+        ("fwd1", "bwd6"),
+        ("fwd3", "bwd1"),
+        ("fwd3", "bwd2"),
+        ("fwd3", "bwd3"),
+        ("fwd3", "bwd6"),
+    ]
     for f, b in with_dropout:
         assert FORWARD[f].valid_with_dropout() and BACKWARD[b].valid_with_dropout()
     assert not FORWARD["fwd2"].valid_with_dropout()
@@ -158,3 +173,59 @@ def test_dropout_chains_use_the_mask_everywhere_on_the_adapter_path():
         torch.testing.assert_close(db, db_ref)
         t = dy @ op_ref.b * op_ref.s
         torch.testing.assert_close(dx, dy @ op_ref.wt + (t @ op_ref.a) * keep)
+
+
+def _mixed_operands(mask=None):
+    """A bf16 base (X, W) with fp32 adapters (A, B): the setting fwd3 is for."""
+    op = _operands(mask)
+    op.x, op.weight = op.x.to(torch.bfloat16), op.weight.to(torch.bfloat16)
+    op.a, op.b = op.a.float(), op.b.float()
+    return op
+
+
+def _mixed_reference(op, keep=None) -> torch.Tensor:
+    """(N, o) float64 Y of the same (already rounded) inputs."""
+    x, w, a, b = (t.double() for t in (op.x, op.weight, op.a, op.b))
+    xd = x if keep is None else x * keep
+    return x @ w.t() + op.s * (xd @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fwd3_meets_the_bf16_bound_like_fwd1(p):
+    """fwd3 rounds A, B and XA to bf16; Y still meets the bf16 rounding bound against float64, and stays
+    within the pair-vs-pair bound of fwd1 (which adds the adapter term in fp32)."""
+    mask = DropoutMask(p, 7) if p else None
+    keep = mask.keep((N, I)) if mask else None
+    ref = _mixed_reference(_mixed_operands(mask), keep)
+    y3 = FORWARD["fwd3"].fn(_mixed_operands(mask))
+    y1 = FORWARD["fwd1"].fn(_mixed_operands(mask))
+    assert y3.dtype == torch.bfloat16
+    k = max(N, I, O, R)
+    assert rel_err(y3, ref) <= rounding_bound(torch.bfloat16, k, 3)
+    assert rel_err(y3, y1) <= pair_difference_bound(torch.bfloat16, k)
+
+
+def test_fwd3_with_equal_dtypes_is_fwd1():
+    mask = DropoutMask(0.3, 12345)
+    torch.testing.assert_close(FORWARD["fwd3"].fn(_operands(mask)), FORWARD["fwd1"].fn(_operands(mask)))
+    torch.testing.assert_close(FORWARD["fwd3"].fn(_operands()), FORWARD["fwd1"].fn(_operands()))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bwd6_meets_the_bf16_bound_and_keeps_fp32_adapter_grads(p):
+    """bwd6's dX meets the bf16 bound against float64 and the pair bound of bwd1; dA and dB are bwd1's."""
+    mask = DropoutMask(p, 7) if p else None
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(N, O, generator=g).to(torch.bfloat16)
+    dx6, da6, db6 = BACKWARD["bwd6"].fn(_mixed_operands(mask), dy, ALL)
+    dx1, da1, db1 = BACKWARD["bwd1"].fn(_mixed_operands(mask), dy, ALL)
+    op = _mixed_operands()
+    keep = mask.keep((N, I)) if mask else torch.ones(N, I, dtype=torch.bool)
+    w, a, b, d = op.weight.double(), op.a.double(), op.b.double(), dy.double()
+    ref = d @ w + op.s * ((d @ b) @ a) * keep
+    k = max(N, I, O, R)
+    assert dx6.dtype == torch.bfloat16
+    assert rel_err(dx6, ref) <= rounding_bound(torch.bfloat16, k, 3)
+    assert rel_err(dx6, dx1) <= pair_difference_bound(torch.bfloat16, k)
+    torch.testing.assert_close(da6, da1, rtol=0, atol=0)
+    torch.testing.assert_close(db6, db1, rtol=0, atol=0)

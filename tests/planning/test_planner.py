@@ -52,7 +52,25 @@ def test_fp32_adapters_on_bf16_base_exclude_merged_chains():
     plan = planner.plan_chains(
         4096, 1024, 1024, 16, dtype=torch.bfloat16, adapter_dtype=torch.float32, mode="flops"
     )
-    assert plan.pair in set(valid_pairs(0.0, allow_merged=False))
+    assert plan.pair in set(valid_pairs(0.0, allow_merged=False, mixed=True))
+    assert not (FORWARD[plan.fwd].merged or BACKWARD[plan.bwd].merged)
+
+
+def test_cost_model_prices_the_base_dtype_rank_r_path_only_when_adapters_are_wider():
+    from runlora_nb.planning.costmodel import CostModel
+
+    rates = dict(base_flops=4e11, adapter_flops=2e11, skinny_bw={"n": 1e10, "m": 1e10, "k": 5e9})
+    rates.update(elementwise_bw=3e10, overhead=1e-5, call_overhead=1e-4, mask_per_element=1e-9)
+    shape = (4096, 768, 768, 8, Needs())
+    mixed = CostModel("cpu", "bfloat16", "float32", **rates)
+    # no cast of X in forward, and half the bytes through its skinny products
+    assert mixed.pair_seconds("fwd3", "bwd1", *shape, False, "") < mixed.pair_seconds(
+        "fwd1", "bwd1", *shape, False, ""
+    )
+    same = CostModel("cpu", "bfloat16", "bfloat16", **rates)
+    assert same.pair_seconds("fwd3", "bwd1", *shape, False, "") == same.pair_seconds(
+        "fwd1", "bwd1", *shape, False, ""
+    )
 
 
 def test_timed_mode_measures_within_about_a_second(fresh_cache):
