@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from runlora_nb.train import FineTuneConfig
+from runlora_nb.train.device import resolve_device
 
 from .tasks import Listeners
 
@@ -56,6 +57,7 @@ class PickerChoice:
         targets: ``"all-linear"`` or a tuple of module names (leaf names such as ``"q_proj"``).
         batch_size: sequences per step.
         seq_len: tokens per sequence.
+        device: where the runs train: ``"auto"`` (CUDA, then MPS, then the CPU) or a device of this machine.
     """
 
     model: str = DEFAULT_MODEL
@@ -67,6 +69,7 @@ class PickerChoice:
     targets: str | tuple[str, ...] = ALL_LINEAR
     batch_size: int = 4
     seq_len: int = 128
+    device: str = "auto"
 
     @property
     def load_key(self) -> tuple[str, str, str | None]:
@@ -167,6 +170,7 @@ class PickerController:
             "targets": c.targets,
             "batch_size": c.batch_size,
             "seq_len": c.seq_len,
+            "device": c.device,
         }
         base.update(overrides)
         return FineTuneConfig(**base)
@@ -308,6 +312,7 @@ def _validate(c: PickerChoice) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
     if c.dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {c.dtype!r}")
+    resolve_device(c.device)  # a device this machine lacks is refused here, with the ones it has
     if c.quantization is not None:
         reason = quantization_support().get(c.quantization, f"unknown quantization {c.quantization!r}")
         if reason:

@@ -9,6 +9,7 @@ import ipywidgets as widgets
 import pandas as pd
 
 from runlora_nb.assets.zoo import RANDOM_WEIGHTS_LABEL, is_random_init, quantization_support
+from runlora_nb.train.device import device_choices
 
 from .chrome import ChoiceButtons, Panel
 from .formatting import df_html, fmt_bytes, fmt_count
@@ -80,6 +81,9 @@ class ModelPicker(Panel):
         self.dtype = widgets.Dropdown(
             options=list(DTYPE_CHOICES), value=c.dtype, description="dtype", **_WIDE
         )
+        self.device = widgets.Dropdown(
+            options=list(device_choices()), value=c.device, description="device", **_WIDE
+        )
         checking = "checking whether bitsandbytes loads here…"
         self.quantization = ChoiceButtons(
             QUANT_CHOICES,
@@ -106,6 +110,7 @@ class ModelPicker(Panel):
             "alpha": self.alpha,
             "dropout": self.dropout,
             "dtype": self.dtype,
+            "device": self.device,
             "quantization": self.quantization,
             "targets": self.targets,
             "batch_size": self.batch_size,
@@ -123,6 +128,7 @@ class ModelPicker(Panel):
                 self.status,
                 self.fetch_progress,
                 self.dtype,
+                self.device,
                 self.quantization,
                 self.targets,
             ]
@@ -189,6 +195,7 @@ class ModelPicker(Panel):
         self.alpha.value = choice.alpha
         self.dropout.value = choice.dropout
         self.dtype.value = choice.dtype
+        self.device.value = choice.device
         self.quantization.value = choice.quantization or "none"
         self.batch_size.value = choice.batch_size
         self.seq_len.value = choice.seq_len

@@ -46,6 +46,7 @@ class SweepSettings:
     seq_len: int = 64
     eval_interval: int = 5
     runs_dir: str | None = None
+    device: str = "auto"  # "auto": CUDA, then MPS, then the CPU
 
     def space(self) -> SearchSpace:
         """The :class:`SearchSpace` these texts describe (validated)."""
@@ -175,7 +176,8 @@ class SweepController:
 
     def _sweep(self) -> pd.DataFrame:
         s = self.settings
-        config = {"batch_size": s.batch_size, "seq_len": s.seq_len, "eval_interval": s.eval_interval}
+        config = {"batch_size": s.batch_size, "seq_len": s.seq_len, "eval_interval": s.eval_interval,
+                  "device": s.device}  # fmt: skip
         if s.runs_dir:
             config["runs_dir"] = s.runs_dir
         board = run_sweep(

@@ -8,6 +8,8 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from runlora_nb.train.device import device_choices
+
 from .chrome import Panel
 from .formatting import df_html
 from .sweep import SweepController
@@ -28,7 +30,7 @@ class SweepPanel(Panel):
         controller: the state (default: a new :class:`SweepController` with ``**settings``).
 
     Attributes:
-        model, dataset, r, lr, alpha_over_r, dropout, steps, trials, study: the inputs.
+        model, dataset, r, lr, alpha_over_r, dropout, steps, trials, study, device: the inputs.
         start_button, stop_button: the actions; status: the progress line.
         figure: one validation-loss line per trial; board_html: the leaderboard; views: optuna's plots.
     """
@@ -50,6 +52,9 @@ class SweepPanel(Panel):
             value=s.trials, min=1, max=10_000, description="trials", **_STYLE
         )
         self.study = widgets.Text(value=s.study, description="study", **text)
+        self.device = widgets.Dropdown(
+            options=list(device_choices()), value=s.device, description="device", **_STYLE
+        )
         self.start_button = widgets.Button(description="Start", icon="play", button_style="success")
         self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True)
         self.status = widgets.HTML("<i>ready: same study name resumes</i>")
@@ -67,7 +72,18 @@ class SweepPanel(Panel):
         self.board_html.add_class("runlora-leaderboard")
         self.views = widgets.Output()
         self._redraw = self.throttled(self._draw)
-        for name in ("model", "dataset", "r", "lr", "alpha_over_r", "dropout", "steps", "trials", "study"):
+        for name in (
+            "model",
+            "dataset",
+            "r",
+            "lr",
+            "alpha_over_r",
+            "dropout",
+            "steps",
+            "trials",
+            "study",
+            "device",
+        ):
             self.on_change(getattr(self, name), lambda v, name=name: self.controller.set(**{name: v}))
         self.on_click(self.start_button, self.start)
         self.on_click(self.stop_button, self.controller.stop)
@@ -79,7 +95,7 @@ class SweepPanel(Panel):
                 [
                     widgets.VBox([self.model, self.dataset, self.study]),
                     widgets.VBox([self.r, self.lr, self.alpha_over_r]),
-                    widgets.VBox([self.dropout, self.steps, self.trials]),
+                    widgets.VBox([self.dropout, self.steps, self.trials, self.device]),
                 ]
             ),
             widgets.HBox([self.start_button, self.stop_button]),

@@ -23,7 +23,7 @@ __all__ = ["add_parsers", "handlers"]
 _FIELD_OF = {"rank": "r", "batch": "batch_size", "seq": "seq_len", "out": "output_dir"}
 _CONFIG_FLAGS = (
     "model", "dataset", "steps", "rank", "alpha", "lr", "dropout", "dtype", "batch", "seq", "backend", "chain",
-    "eval_interval", "checkpoint_every", "seed", "runs_dir", "out",
+    "eval_interval", "checkpoint_every", "seed", "runs_dir", "out", "device",
 )  # fmt: skip
 
 
@@ -53,6 +53,7 @@ def add_parsers(sub) -> None:
     flag("--lr", field="lr", kind=positive_float)
     flag("--dropout", field="dropout", kind=dropout)
     flag("--dtype", field="dtype")
+    flag("--device", field="device", text="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps ")
     flag("--batch", field="batch_size", kind=positive_int)
     flag("--seq", field="seq_len", kind=positive_int)
     flag("--backend", field="backend", choices=["runlora", "peft"])

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--eval-interval", type=int, default=None, help="default steps/4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+    )
     p.add_argument("--runs-dir", default=None, help="ledger root (default $RUNLORA_NB_RUNS or the cache)")
     p.add_argument("--csv", type=Path, help="also write the leaderboard as CSV")
     p.add_argument("--quiet", action="store_true", help="no line per trial")
@@ -83,7 +86,8 @@ def _as_list(value):
 def _sweep(args: argparse.Namespace) -> int:
     from ..ledger.sweep import run_sweep
 
-    config = {"batch_size": args.batch, "seq_len": args.seq, "seed": args.seed, "runs_dir": args.runs_dir}
+    config = {"batch_size": args.batch, "seq_len": args.seq, "seed": args.seed, "runs_dir": args.runs_dir,
+              "device": args.device}  # fmt: skip
     if args.eval_interval is not None:
         config["eval_interval"] = args.eval_interval
     print(f"sweep {args.study!r}: {args.model} on {args.dataset}, {args.steps} steps × {args.trials} trials")

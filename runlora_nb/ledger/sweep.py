@@ -48,6 +48,9 @@ from .sweep_storage import (
 __all__ = ["SAMPLERS", "SearchSpace", "leaderboard", "open_study", "run_sweep", "storage_url"]
 
 SAMPLERS = ("grid", "random", "tpe")
+# where a study's runs are kept and which device trains them do not change what it searches: a study resumes
+# with another of either
+_PORTABLE = ("runs_dir", "device")
 _COUNTED = {"complete", "pruned", "failed", "diverged"}  # outcomes that use up the trial budget
 
 
@@ -324,7 +327,7 @@ def run_sweep(
     base = _base_config(model, dataset, steps, config)
     budget = min(trials, space.grid_size()) if sampler == "grid" else trials
     setup = {"model": model, "dataset": dataset, "steps": steps, "sampler": sampler,
-             "config": {k: v for k, v in sorted((config or {}).items()) if k != "runs_dir"}}  # fmt: skip
+             "config": {k: v for k, v in sorted((config or {}).items()) if k not in _PORTABLE}}  # fmt: skip
     if isinstance(stop, threading.Event):
         stopping = stop.is_set
     elif stop is None:

@@ -85,3 +85,23 @@ def test_a_cpu_run_reports_its_device(capsys):
 
     res = FineTuner(FineTuneConfig(**QUICK, steps=1, device="cpu"), [PrintProgress()]).run()
     assert res.end.error is None and "tokens on cpu" in capsys.readouterr().out
+
+
+def test_the_cli_and_the_panels_pick_the_device(tmp_path, capsys):
+    from runlora_nb.app.cli import main
+    from runlora_nb.widgets.picker import PickerController
+    from runlora_nb.widgets.sweep import SweepController
+
+    picker = PickerController("tiny-llama")
+    assert picker.config().device == "auto"
+    picker.set(device="cpu")
+    assert picker.config().device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no 'cuda' device"):
+            picker.set(device="cuda")
+        assert picker.choice.device == "cpu"  # a refused change leaves the choice as it was
+    assert SweepController(device="cpu").settings.device == "cpu"
+    args = ["train", "--steps", "1", "--seq", "32", "--batch", "4", "--no-samples", "--device", "cpu",
+            "--runs-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert "tokens on cpu" in capsys.readouterr().out

@@ -147,7 +147,7 @@ def test_view_peft_overlay_adds_a_second_curve(picker_ctl, run_dir):
     assert names == ["runlora train", "runlora validation", "peft train", "peft validation"]
     peft_train = view.figure.data[2]
     assert list(peft_train.x) == [1, 2, 3] and len(peft_train.y) == 3
-    assert "<b>peft</b>: done" in view.status.value
+    assert "<b>peft</b> on cpu: done" in view.status.value  # where each run trains is shown
     # eval loss sits next to train loss; the train curves can be smoothed and the axis made logarithmic
     raw = list(view.controller.runs[0].losses)
     assert list(view.figure.data[0].y) == raw
