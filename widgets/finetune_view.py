@@ -187,7 +187,9 @@ class FineTunePanel(Panel):
             return "<i>press Start</i>" if not ctl.running else "<i>loading the model and data…</i>"
         parts = []
         for run in runs:
-            where = f" on {html.escape(run.start.device)}" if run.start is not None and run.start.device else ""
+            where = (
+                f" on {html.escape(run.start.device)}" if run.start is not None and run.start.device else ""
+            )
             line = f"<b>{run.backend}</b>{where}: "
             if run.end is not None:
                 end = run.end
