@@ -2,7 +2,8 @@
 resuming a recorded run by its id.
 
 The engine never imports the ledger; these two functions put them together, so every panel, CLI command and
-sweep trial that should leave a run record builds its tuner here.
+sweep trial that should leave a run record builds its tuner here. Under ``torchrun`` / ``accelerate launch`` only
+rank 0 records; the other ranks get a plain tuner (resuming from the same checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..train.checkpoint import load_checkpoint
 from ..train.config import FineTuneConfig
+from ..train.distributed import env_rank
 from ..train.engine import FineTuner
 from ..train.state import check_config
 from .folders import new_run_dir, run_dir
@@ -37,6 +39,8 @@ def recorded_tuner(
         >>> tuner = recorded_tuner(FineTuneConfig(steps=20), [PrintProgress()])
         >>> tuner.run(); tuner.run_dir
     """
+    if not env_rank().main:  # under torchrun / accelerate only rank 0 records (one run folder, not N)
+        return FineTuner(config, callbacks, model)
     folder = new_run_dir(config.backend, config.runs_dir)
     ledger = RunLedger(folder, config)
     return FineTuner(config, [*callbacks, ledger], model, adapter_dir=folder / "adapter", run_dir=folder)
@@ -64,6 +68,9 @@ def resume_tuner(
             damaged ``config.json``, or a ``config`` that differs from the checkpoint's.
     """
     folder = run_dir(run_id, runs_dir)
+    if not env_rank().main:  # the other ranks read the same checkpoint; rank 0 checks and records
+        config = config if config is not None else saved_config(folder)
+        return FineTuner(config, callbacks, model, resume_from=load_checkpoint(folder))
     check_not_running(folder)  # before anything is read or written
     config = config if config is not None else saved_config(folder)
     state = load_checkpoint(folder)

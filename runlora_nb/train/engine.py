@@ -42,6 +42,7 @@ from ..integrations.inject import trainable_parameters
 from ..integrations.plans import plan_table
 from .config import FineTuneConfig
 from .device import autocast_dtype, autocast_for, move_batch, peak_memory, resolve_device, to_device
+from .distributed import env_rank, join_process_group, shard, sum_over_ranks, wrap_ddp
 from .events import (
     CheckpointEvent,
     EndEvent,
@@ -128,6 +129,7 @@ class FineTuner:
         self.model: nn.Module | None = None
         self.device: torch.device | None = None  # resolved from config.device by prepare()
         self._autocast: torch.dtype | None = None
+        self.ranks = env_rank()  # a launcher's ranks; the process group opens in prepare()
         self.tokenizer = None
         self.step = 0
         self._t0: float | None = None  # origin of elapsed_s (a resumed run shifts it back by its time)
@@ -177,7 +179,8 @@ class FineTuner:
             self.run()
 
     def _emit(self, name: str, event: Any) -> None:
-        for cb in list(self.callbacks):
+        # under a launcher only rank 0 reports (one progress line, one run record); every rank keeps a history
+        for cb in list(self.callbacks) if self.ranks.main else [self.history]:
             fn = getattr(cb, name, None)
             if fn is not None:
                 fn(event)
@@ -230,7 +233,7 @@ class FineTuner:
         if self.model is not None:
             return
         cfg = self.config
-        self.device = resolve_device(cfg.device)
+        self.ranks, self.device = join_process_group(resolve_device(cfg.device))
         data_task, model_task = task_of(cfg)
         torch.manual_seed(cfg.seed)
         if self._given is not None:
@@ -256,6 +259,7 @@ class FineTuner:
         # starts from the same A as one on the CPU
         self.model = to_device(add_adapters(model.train(), cfg), self.device)
         self._autocast = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
+        self._train_model = wrap_ddp(self.model, self.device, self.ranks)  # the model itself on one process
         self.tokenizer = tok
         self._params = list(trainable(self.model).values())
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,24 +268,24 @@ class FineTuner:
     # -------------------------------------------------------------------------------------------- loop
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, skip = self._data_pos
+        rows = self.config.batch_size * self.ranks.world  # the global batch, drawn as one process would
         while True:
-            it = batches(
-                self.train_set, self.config.batch_size, seed=self.config.seed + epoch, drop_last=True
-            )
+            it = batches(self.train_set, rows, seed=self.config.seed + epoch, drop_last=True)
             for k, batch in enumerate(it):
                 if k >= skip:
                     self._data_pos = (epoch, k + 1)
-                    yield batch
+                    yield shard(batch, self.ranks)
             epoch, skip = epoch + 1, 0
-            if len(self.train_set) < self.config.batch_size:
+            if len(self.train_set) < rows:
                 raise ValueError(
                     f"FineTuner: {len(self.train_set)} training rows cannot fill batch_size={self.config.batch_size}"
+                    f" on {self.ranks.world} process(es)"
                 )
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = move_batch(batch, self.device)
         with autocast_for(self.device, self._autocast):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            out = self._train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"])  # fmt: skip
         return out.loss
 
@@ -318,7 +322,7 @@ class FineTuner:
 
     def _sample(self, stage: str) -> None:
         prompts = self.config.sample_prompts
-        if not prompts or self.label_names:
+        if not prompts or self.label_names or not self.ranks.main:
             return
         for prompt, text in zip(prompts, self.generate(prompts)):
             self._emit("on_sample", SampleEvent(stage, prompt, text, self.step))
@@ -405,7 +409,7 @@ class FineTuner:
             t0, val = self._begin(t0)
             self._t0 = t0
             batches_ = self._batches()
-            while self.step < cfg.steps and not self._stop.is_set():
+            while self.step < cfg.steps and not self._stop_agreed():
                 self._train_step(batches_, t0)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
                     val = self._eval().val_loss
@@ -431,6 +435,15 @@ class FineTuner:
         self._emit("on_end", end)
         return self.history
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: asked on any rank stops every rank (no rank is left in a collective alone)."""
+        asked = self._stop.is_set()
+        if self.ranks.world > 1:
+            asked = sum_over_ranks([float(asked)], self.ranks)[0] > 0
+            if asked:
+                self._stop.set()
+        return asked
+
     def _end_event(self, t0, val, adapter, error=None, diverged=False) -> EndEvent:
         return EndEvent(self.step, self._stop.is_set(), adapter, time.perf_counter() - t0, val, error, diverged,
                         tuple(self.history.warnings))  # fmt: skip
@@ -450,6 +463,9 @@ class FineTuner:
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
+        if self.ranks.world > 1:  # the step's loss is the mean over ranks, its tokens the sum
+            summed, tokens = sum_over_ranks([total, tokens], self.ranks)
+            total, tokens = summed / self.ranks.world, int(tokens)
         norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         if not (math.isfinite(total) and math.isfinite(float(norm))):
