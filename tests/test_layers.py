@@ -1,7 +1,8 @@
 """The package's layers: imports only point down, no module imports itself in a circle, no module is huge.
 
-Every import that runs counts, at module level or inside a function (a lazy import that points up is still a
-circle). Imports under ``if TYPE_CHECKING:`` never run and are left out.
+Every import counts: at module level, inside a function (a lazy import that points up is still a circle) and
+under ``if TYPE_CHECKING:`` (an annotation that names a module above, or one that imports back, ties the two
+modules together for a reader and a type checker even though the import never runs).
 """
 
 from __future__ import annotations
@@ -80,16 +81,7 @@ def import_graph() -> dict[str, set[str]]:
         name = _module_name(path)
         deps: set[str] = set()
         tree = ast.parse(path.read_text())
-        typing_only = {
-            id(n)
-            for block in ast.walk(tree)
-            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for stmt in block.body
-            for n in ast.walk(stmt)
-        }
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
             if isinstance(node, ast.ImportFrom):
                 deps.update(_resolve(name, node, path.name == "__init__.py"))
             elif isinstance(node, ast.Import):
