@@ -23,7 +23,7 @@ help:
 	@echo "make lint         ruff check + ruff format --check"
 	@echo "make lab          install, fetch the default model, open JupyterLab on notebooks/ (127.0.0.1, token)"
 	@echo "make demo         headless main job: race chains, fine-tune SmolLM2-135M, write artifacts/report.html"
-	@echo "make bench        the layer benchmark grid of issue 3 (prints a table, writes artifacts/bench_layers.csv)"
+	@echo "make bench        the layer benchmark grid (prints a table, writes artifacts/bench_layers.csv)"
 
 # The lock holds every direct and transitive dependency at the versions the suite was run with; the project
 # itself goes in with --no-deps so nothing outside the lock is resolved. pip check catches a stale lock.

@@ -1,7 +1,8 @@
 """The package's layers: imports only point down, no module imports itself in a circle, no module is huge.
 
-Every import that runs counts, at module level or inside a function (a lazy import that points up is still a
-circle). Imports under ``if TYPE_CHECKING:`` never run and are left out.
+Every import counts: at module level, inside a function (a lazy import that points up is still a circle) and
+under ``if TYPE_CHECKING:`` (an annotation that names a module above, or one that imports back, ties the two
+modules together for a reader and a type checker even though the import never runs).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ LAYERS = (
 )
 WIDGETS = ROOT / "widgets"  # installed as runlora_nb.widgets
 TOP = {"runlora_nb"}  # the package facade sits above every layer
-MAX_LINES = 560  # "no module over ~500 lines", with a little room for docstrings
+MAX_LINES = 500  # past this a module holds more than one idea: split it along them
+# Modules over the limit whose split is under way in their own layer's change. An entry must go once its
+# module is split: the test fails when an exempt module is back under the limit, so none outlives its reason.
+OVER_LIMIT_FOR_NOW = {"runlora_nb/core/chains.py"}  # the chains grew bf16-base variants; a split is pending
 
 
 def _module_name(path: Path) -> str:
@@ -80,16 +84,7 @@ def import_graph() -> dict[str, set[str]]:
         name = _module_name(path)
         deps: set[str] = set()
         tree = ast.parse(path.read_text())
-        typing_only = {
-            id(n)
-            for block in ast.walk(tree)
-            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for stmt in block.body
-            for n in ast.walk(stmt)
-        }
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
             if isinstance(node, ast.ImportFrom):
                 deps.update(_resolve(name, node, path.name == "__init__.py"))
             elif isinstance(node, ast.Import):
@@ -160,10 +155,11 @@ def import_graph_cache() -> dict[str, set[str]]:
 
 
 def test_no_module_is_huge():
-    big = {
-        str(p.relative_to(ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES
-    }
+    lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in _sources()}
+    big = {m: n for m, n in lines.items() if n > MAX_LINES and m not in OVER_LIMIT_FOR_NOW}
     assert not big, f"modules over {MAX_LINES} lines (split them along their ideas): {big}"
+    done = sorted(m for m in OVER_LIMIT_FOR_NOW if lines.get(m, 0) <= MAX_LINES)
+    assert not done, f"split now (or gone), so drop them from OVER_LIMIT_FOR_NOW: {done}"
 
 
 def test_every_layer_package_says_what_it_owns():

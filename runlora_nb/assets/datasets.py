@@ -219,7 +219,7 @@ def local_path(name_or_path: str | os.PathLike) -> Path | None:
     path = Path(text).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass a .txt or .jsonl file or a dataset name.")
-    if path.suffix.lower() in (".txt", ".jsonl"):  # README.TXT too (issue 14 defect 18)
+    if path.suffix.lower() in (".txt", ".jsonl"):  # README.TXT too: the suffix is matched case-blind
         return path
     if path.exists():
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use a .txt or .jsonl file.")

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -29,9 +29,6 @@ __all__ = [
     "resolve_progress",
     "seeded",
 ]
-
-if TYPE_CHECKING:
-    pass
 
 
 Progress = Callable[[str, float], None]

@@ -9,12 +9,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 __all__ = ["extract_folder", "pypi_download", "read_member"]
-
-if TYPE_CHECKING:
-    pass
 
 
 # --------------------------------------------------------------------------------------------- PyPI

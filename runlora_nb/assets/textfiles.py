@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __all__ = ["clean_text", "normalise_record", "read_jsonl", "read_text_file"]
-
-if TYPE_CHECKING:
-    pass
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -60,7 +60,7 @@ def test_models_and_console_script():
     assert "tiny-llama" in proc.stdout and "smollm2-135m" in proc.stdout
 
 
-# ---------------------------------------------------------------------------------------------------- issue 14
+# ------------------------------------------------------------- bad input: one clean error line, before any work
 
 
 def _clean_error(capsys, *fragments: str) -> str:

@@ -424,7 +424,7 @@ def test_fetch_shakespeare_and_full_chatterbot(fresh_cache, tok):
 
 
 def test_upper_case_suffix_and_utf8_bom_files_are_accepted(tmp_path):
-    """Issue 14 defect 18: ``README.TXT`` and a ``.jsonl`` saved with a UTF-8 BOM (Notepad) load."""
+    """Files as people save them load: ``README.TXT`` (upper-case suffix) and a ``.jsonl`` with a UTF-8 BOM (Notepad)."""
     upper = tmp_path / "NOTES.TXT"
     upper.write_text("Shall I compare thee\nto a summer's day?\n", encoding="utf-8")
     assert datasets.local_path(upper) == upper

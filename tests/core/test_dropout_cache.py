@@ -1,4 +1,4 @@
-"""Fused dropout kernels with a read-only cache, and an accurate warning (issue 14 defect 16)."""
+"""Fused dropout kernels with a read-only cache still build, and the warning names the right remedy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14: crash-safe saves, PEFT scaling on load, corruption checks, seq-cls heads, all-or-nothing injection,
+"""Adapters that survive mistakes: crash-safe saves, PEFT scaling on load, corruption checks, seq-cls heads, all-or-nothing injection,
 malformed configs, and merge_and_unload of a bare layer."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def shape(model):
     )
 
 
-# ---------------------------------------------------------------------------------------- defect 1: save
+# ----------------------------------------------------------------------------------------- a failed save
 
 
 def test_failed_save_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
@@ -106,7 +106,7 @@ def test_kill_between_the_renames_loads_the_old_adapter(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
 
 
-# ---------------------------------------------------------------------------------------- defect 4: PEFT scaling
+# ------------------------------------------------------------------------------------------ PEFT scaling on load
 
 
 def test_load_into_peft_model_adopts_the_files_alpha(tmp_path):
@@ -124,7 +124,7 @@ def test_load_into_peft_model_adopts_the_files_alpha(tmp_path):
     assert rel_err(logits(target), logits(ref)) < 1e-6
 
 
-# ---------------------------------------------------------------------------------------- defect 5: corruption
+# ----------------------------------------------------------------------------------------------- corrupt files
 
 
 def test_overwritten_bytes_fail_the_checksum(tmp_path):
@@ -165,7 +165,7 @@ def test_peft_written_folder_has_no_checksum_and_loads(tmp_path):
         assert HASH_KEY in fh.metadata()
 
 
-# ---------------------------------------------------------------------------------------- defect 7: seq-cls
+# -------------------------------------------------------------------------------------------- seq-cls heads
 
 
 def test_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
@@ -187,7 +187,7 @@ def test_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
     assert rel_err(logits(load_adapter(target, tmp_path)), logits(pm)) < 1e-6
 
 
-# ---------------------------------------------------------------------------------------- defect 8: all or nothing
+# --------------------------------------------------------------------------------------- injection: all or nothing
 
 
 def test_failed_apply_leaves_the_model_unchanged_and_retry_works():
@@ -215,7 +215,7 @@ def test_failed_load_leaves_the_model_unchanged_and_retry_works(tmp_path):
     assert rel_err(logits(load_adapter(model, tmp_path / "good")), logits(good)) < 1e-6
 
 
-# ---------------------------------------------------------------------------------------- defect 9: bad config
+# ------------------------------------------------------------------------------------------- malformed configs
 
 
 @pytest.mark.parametrize(
@@ -238,7 +238,7 @@ def test_malformed_config_names_file_field_and_fix(tmp_path, edit, match):
     assert "adapter_config.json" in str(err.value) and "re-save" in str(err.value).lower()
 
 
-# ---------------------------------------------------------------------------------------- defect 18: bare layer
+# ----------------------------------------------------------------------------------------- merging a bare layer
 
 
 def test_merge_and_unload_of_a_bare_layer_returns_the_merged_linear():

@@ -117,7 +117,7 @@ def test_resume_errors_are_clear(tmp_path):
 
 
 def test_nan_loss_ends_the_run_diverged_without_saving_the_adapter(tmp_path):
-    """Defect 14.3: lr=1e30 gave NaN from step 2, the run ended "done" and saved a non-finite adapter."""
+    """A diverging run (lr=1e30: NaN from step 2) must not end "done" and save a non-finite adapter."""
     out = tmp_path / "adapter"
     cfg = FineTuneConfig(**{**CFG, "lr": 1e30, "checkpoint_every": 1, "warmup_steps": 0, "grad_accum": 1},
                          runs_dir=str(tmp_path / "runs"), output_dir=str(out))  # fmt: skip
@@ -143,7 +143,7 @@ def test_a_learning_run_does_not_warn(tmp_path):
 
 
 def test_a_run_whose_logits_stay_uniform_warns_end_to_end(tmp_path):
-    """Defect 14.3's second half: a loss sitting at ln(vocab) (here: a zeroed, frozen output head) got no warning."""
+    """A loss sitting at ln(vocab) (here: a zeroed, frozen output head) learns nothing, so it gets a warning."""
     from runlora_nb.assets.zoo import load_model
 
     model, tok = load_model("tiny-llama")

@@ -26,7 +26,7 @@ QUICK = {
 
 
 def test_run_ids_are_unique_within_one_second(tmp_path, monkeypatch):
-    """Defect 14.2: two runs started in the same second shared `runs/%Y%m%d-%H%M%S-<backend>`."""
+    """Two runs started in the same second must get their own folders (a timestamp alone would be shared)."""
     monkeypatch.setattr(folders.time, "strftime", lambda fmt: "20260101-000000")
     a, b = new_run_dir("runlora", tmp_path), new_run_dir("runlora", tmp_path)
     assert a != b and a.is_dir() and b.is_dir()

@@ -403,7 +403,7 @@ def test_rank_above_min_dim_warns_but_works(monkeypatch):
 
 
 def test_rank_above_min_dim_warns_once_per_shape_class_not_per_layer(monkeypatch, recwarn):
-    """Issue 14 defect 17: a model of 30 such layers printed 30 copies of the same warning."""
+    """The warning comes once per shape class, not per layer: 30 such layers must not print 30 copies of it."""
     monkeypatch.setattr(layer_module, "_RANK_WARNED", set())
     warnings.simplefilter("always")  # even "always" must not repeat it: the dedup is ours
     for k in range(5):

@@ -1,4 +1,4 @@
-"""Bad values in calibration.json must not crash a forward (issue 14 defect 10)."""
+"""Bad values in calibration.json must not crash a forward: the planner falls back and hints to recalibrate."""
 
 from __future__ import annotations
 

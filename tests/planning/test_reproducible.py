@@ -125,7 +125,7 @@ def test_apply_runlora_accepts_a_recorded_plan_and_pin_plans_checks_first():
     assert all(layer.chain == "auto" for _, layer in runlora_layers(dropout_model))  # nothing half-pinned
 
 
-# ------------------------------------------------------------------------------ plan cache checked (issue 14 #6)
+# ------------------------------------------------------------- a plan read back from plans.json is checked first
 
 
 def _auto_key(dropout: bool) -> planner.PlanKey:

@@ -233,7 +233,7 @@ def test_demo_runs_fast(tmp_path, capsys):
 
 
 def test_run_is_refused_while_a_start_thread_trains(tmp_path):
-    """Issue 14 defect 18: a second loop on the same trainer (and model) must be refused, not interleaved."""
+    """A second loop on the same trainer (and model) must be refused, not interleaved with the first."""
     first_step, release = threading.Event(), threading.Event()
 
     class Hold(Callback):
@@ -257,7 +257,7 @@ def test_run_is_refused_while_a_start_thread_trains(tmp_path):
 
 
 def test_restart_after_stop_does_not_evaluate_a_step_twice(tmp_path):
-    """Issue 14 defect 18: run() again after stop() continued with a second evaluation of the stop step."""
+    """run() again after stop() resumes after the stop step; it must not evaluate that step a second time."""
     tuner = FineTuner(FineTuneConfig(**QUICK, steps=4, eval_interval=0, output_dir=str(tmp_path)))
     stopper = StopAt(2, tuner.stop)
     tuner.add_callback(stopper)

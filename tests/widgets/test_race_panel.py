@@ -234,7 +234,7 @@ def test_view_never_draws_while_a_candidate_is_timed(monkeypatch):
 
 
 def test_set_rejects_a_dtype_a_race_cannot_run_in():
-    """Issue 14 defect 15: dtype="int8" used to pass set() and fail only when the race ran."""
+    """A bad choice (dtype="int8") must fail in set(), not later when the race runs."""
     ctl = RaceController(**SMALL_LAYER)
     for bad in ("int8", "float64", "uint8"):
         with pytest.raises(ValueError, match=r"dtype must be one of .*fp32.*bf16.*fp16"):
@@ -244,7 +244,7 @@ def test_set_rejects_a_dtype_a_race_cannot_run_in():
 
 
 def test_closed_view_refuses_to_start_a_race():
-    """Issue 14 defect 18: after close() the Race button's start() must not launch a hidden race."""
+    """After close() the Race button's start() must not launch a race nobody can see."""
     ctl = RaceController(**SMALL_LAYER)
     view = ChainRace(ctl)
     view.close()
@@ -254,7 +254,7 @@ def test_closed_view_refuses_to_start_a_race():
 
 
 def test_status_shows_the_race_timing_notes():
-    """Issue 14 defect 19: a race whose timings are off the cost model says so in the panel's status."""
+    """A race whose timings are off the cost model says so in the panel's status."""
     ctl = RaceController(**SMALL_LAYER)
     view = ChainRace(ctl)
     df = pd.DataFrame({"candidate": ["runlora"], "kind": ["plan"], "median_s": [1.0]})
