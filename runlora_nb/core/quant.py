@@ -23,7 +23,7 @@ from .base import BaseInfo
 
 __all__ = ["dequantize", "dequantizer", "guard_cpu_repack", "quiet_bnb_logs", "requantize_add"]
 
-# bitsandbytes' known, harmless chatter (issue 14 defect 17) is filtered by common/quiet.py
+# bitsandbytes' known, harmless chatter is filtered by common/quiet.py (at its logger, not here)
 quiet_bnb_logs = quiet.install
 quiet_bnb_logs()  # idempotent; the package already ran it at import
 

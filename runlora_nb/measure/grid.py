@@ -34,7 +34,9 @@ def race_grid(
             break
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LAYER_COLUMNS)
     out.attrs["cancelled"] = bool(frames and frames[-1].attrs.get("cancelled"))
-    out.attrs["notes"] = [  # the timing notes of each spec's race (issue 14 defect 19)
+    out.attrs[
+        "notes"
+    ] = [  # the timing notes of each spec's race: a noisy measurement says so next to its number
         f"{LayerSpec(**f.attrs['spec']).label()}: {note}" for f in frames for note in f.attrs.get("notes", ())
     ]
     return out

@@ -314,7 +314,7 @@ def race_layer(
 
 
 def timing_notes(df: pd.DataFrame) -> list[str]:
-    """Warnings about a race's measurements themselves (issue 14 defect 19): empty when they look sound.
+    """Warnings about a race's measurements themselves: empty when they look sound.
 
     Two checks: the median of measured / predicted over the candidates with a cost-model prediction beyond
     ×10 or below ×0.1 (the machine is not behaving like the calibrated one: other processes, OpenMP
