@@ -8,6 +8,7 @@ stops within a step. No widget is imported here.
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from runlora_nb.common.metrics import steady_tokens_per_s
+from runlora_nb.common.sysmem import reset_peak_rss
 from runlora_nb.ledger.recorded import recorded_tuner
 from runlora_nb.train import (
     Callback,
@@ -34,6 +36,7 @@ from runlora_nb.train import (
     with_backend,
 )
 
+from .memory_watch import MemoryPrediction, predict_memory
 from .tasks import BackgroundTask, Listeners
 
 __all__ = ["FineTuneController", "FineTuneSettings", "RunTrace"]
@@ -50,6 +53,8 @@ class FineTuneSettings:
         eval_interval: evaluate every this many steps (0: only at the start and the end).
         compare_peft: after the runlora_nb run, train the same config with PEFT and overlay its curves.
         output_dir: where the trainer saves the adapter at the end (None: a fresh run folder in the cache).
+        predict_memory: before each run, ask the memory ledger what it should take (the memory chart's
+            prediction lines; a few tiny probe forwards).
         overrides: other :class:`~runlora_nb.train.FineTuneConfig` fields (e.g. ``sample_prompts``).
     """
 
@@ -60,6 +65,7 @@ class FineTuneSettings:
     compare_peft: bool = False
     output_dir: str | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
+    predict_memory: bool = True
 
 
 @dataclass
@@ -73,6 +79,7 @@ class RunTrace:
         start: its start event (parameter counts), once prepared.
         plans: the chain plan per module after step 1 (runlora_nb only), as a table.
         stop_requested_at: the last finished step when Stop was pressed (None: not stopped).
+        memory: the memory ledger's prediction (None: not asked for, or it failed; see ``memory_error``).
     """
 
     backend: str
@@ -81,6 +88,8 @@ class RunTrace:
     start: StartEvent | None = None
     plans: pd.DataFrame | None = None
     stop_requested_at: int | None = None
+    memory: MemoryPrediction | None = None
+    memory_error: str | None = None
 
     @property
     def steps(self) -> list[int]:
@@ -292,10 +301,27 @@ class FineTuneController:
                     self.trainers.append(trainer)
                     self.trainer = trainer
                 self.listeners.notify("run", trace)
+                if self.settings.predict_memory:
+                    self._predict(trace)
                 trainer.run()
         finally:
             self._active = False
         self.listeners.notify("finished", self.runs)
+
+    def _predict(self, trace: RunTrace) -> None:
+        """The memory ledger's prediction for the run, from the Model panel's loaded base when it matches."""
+        loaded = getattr(self.picker, "loaded", None) if self.picker is not None else None
+        c = trace.config
+        base = (
+            loaded.model if loaded is not None and loaded.key == (c.model, c.dtype, c.quantization) else None
+        )
+        try:
+            trace.memory = predict_memory(c, base)
+        except Exception as err:  # a prediction that fails must not stop the run it describes
+            trace.memory_error = f"{type(err).__name__}: {err}"
+        gc.collect()
+        reset_peak_rss()  # the run's measured peak starts here, not at the probes' copies of the model
+        self.listeners.notify("memory", trace)
 
     def _failed(self, text: str) -> None:
         self.error = text

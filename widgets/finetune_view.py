@@ -13,6 +13,7 @@ from runlora_nb.common.metrics import steady_tokens_per_s
 from .chrome import Panel
 from .finetune import FineTuneController, RunTrace
 from .formatting import df_html, ema, fmt_seconds
+from .memory_watch import measured_memory
 
 __all__ = ["BACKEND_COLORS", "FineTunePanel"]
 
@@ -43,6 +44,8 @@ class FineTunePanel(Panel):
         start_button, stop_button, save_button, save_path: the actions.
         progress, status: the progress bar and the step / loss / tokens-per-second / ETA line.
         figure: one ``go.FigureWidget`` with a train-loss line and validation markers per backend.
+        memory_figure: measured saved-tensor bytes and peak memory per step, with the memory ledger's
+            predicted saved bytes and total as dashed lines.
         plans_html, samples_html, save_status, choice_html: what the panel shows.
     """
 
@@ -83,6 +86,7 @@ class FineTunePanel(Panel):
         self.status.add_class("runlora-status")
         self.choice_html = widgets.HTML()
         self.figure = self._make_figure()
+        self.memory_figure = self._make_memory_figure()
         self.plans_html = widgets.HTML()
         self.samples_html = widgets.HTML()
         self.save_path = widgets.Text(value="adapters/runlora-adapter", description="adapter dir", **_STYLE)
@@ -119,6 +123,7 @@ class FineTunePanel(Panel):
             self.status,
             widgets.HBox([self.smoothing, self.log_y]),
             self.figure,
+            self.memory_figure,
             self.plans_html,
             self.samples_html,
             widgets.HBox([self.save_path, self.save_button]),
@@ -142,6 +147,53 @@ class FineTunePanel(Panel):
         )
         return fig
 
+    def _make_memory_figure(self) -> go.FigureWidget:
+        fig = go.FigureWidget()
+        fig.update_layout(
+            width=860,
+            height=260,
+            margin={"l": 10, "r": 10, "t": 30, "b": 40},
+            title={"text": "memory: measured (solid) against the memory ledger's prediction (dashed)",
+                   "font": {"size": 13}},
+            xaxis_title="step",
+            yaxis_title="MiB",
+            legend={"orientation": "h", "y": 1.2, "x": 1, "xanchor": "right"},
+        )  # fmt: skip
+        return fig
+
+    def _memory_index(self, backend: str, kind: str) -> int:
+        """One line per backend and kind: saved / peak (measured), saved? / total? (predicted)."""
+        key = (backend, f"memory:{kind}")
+        if key not in self._traces:
+            color = BACKEND_COLORS.get(backend, "#1e88e5")
+            predicted = kind.endswith("?")
+            label = {"saved": "saved tensors", "peak": "peak", "saved?": "predicted saved",
+                     "total?": "predicted total (lower bound)"}[kind]  # fmt: skip
+            self.memory_figure.add_scatter(
+                name=f"{backend} {label}", mode="lines",
+                line={"color": color, "dash": "dash" if predicted else "solid",
+                      "width": 1 if kind.startswith("total") or kind == "peak" else 2},
+            )  # fmt: skip
+            self._traces[key] = len(self.memory_figure.data) - 1
+        return self._traces[key]
+
+    def _draw_memory(self, runs: list[RunTrace]) -> None:
+        mib = 2.0**20
+        for run in runs:
+            measured = measured_memory(run.history)
+            for kind, values in (("saved", measured["saved_bytes"]), ("peak", measured["peak_bytes"])):
+                line = self.memory_figure.data[self._memory_index(run.backend, kind)]
+                line.x = measured["step"]
+                line.y = [v / mib if v is not None else None for v in values]
+            if run.memory is not None:
+                span = [1, max(run.config.steps, 1)]
+                for kind, value in (
+                    ("saved?", run.memory.activation_bytes),
+                    ("total?", run.memory.total_bytes),
+                ):
+                    line = self.memory_figure.data[self._memory_index(run.backend, kind)]
+                    line.x, line.y = span, [value / mib] * 2
+
     def _trace_index(self, backend: str, kind: str) -> int:
         key = (backend, kind)
         if key not in self._traces:
@@ -162,6 +214,11 @@ class FineTunePanel(Panel):
         ctl = self.controller
         runs = list(ctl.runs)
         slots = [(self._trace_index(r.backend, "train"), self._trace_index(r.backend, "val")) for r in runs]
+        for run in runs:  # traces are added outside batch_update, which defers new traces
+            for kind in ("saved", "peak", *(("saved?", "total?") if run.memory is not None else ())):
+                self._memory_index(run.backend, kind)
+        with self.memory_figure.batch_update():
+            self._draw_memory(runs)
         with self.figure.batch_update():  # traces are added above: batch_update defers new traces
             for run, (k_train, k_val) in zip(runs, slots):
                 train, val = self.figure.data[k_train], self.figure.data[k_val]
@@ -212,6 +269,8 @@ class FineTunePanel(Panel):
                     f"step {run.step}/{run.config.steps} · loss {run.losses[-1]:.4f} · "
                     f"{steady_tokens_per_s(run.tokens_per_s):,.0f} tokens/s"
                 )
+            if run.memory_error:
+                line += f" · memory prediction failed: {html.escape(run.memory_error)}"
             parts.append(line)
         if ctl.running and p["eta_s"] is not None:
             parts.append(f"ETA {fmt_seconds(p['eta_s'])}")

@@ -188,3 +188,24 @@ def test_view_close_stops_training_and_closes_widgets(picker_ctl, run_dir):
     assert view.controller.runs[0].end.stopped
     assert all(w.comm is None for w in tree)
     assert len(picker_ctl.listeners) == 0
+
+
+def test_the_memory_chart_draws_measured_memory_against_the_ledgers_prediction(picker_ctl, run_dir):
+    view = FineTunePanel(FineTuneController(picker_ctl, steps=3, output_dir=str(run_dir / "m"), **FAST))
+    view.start_button.click()
+    assert view.controller.join(120)
+    view._redraw.flush()
+    (run,) = view.controller.runs
+    assert run.memory is not None and run.memory_error is None
+    lines = {t.name: t for t in view.memory_figure.data}
+    assert set(lines) == {"runlora saved tensors", "runlora peak", "runlora predicted saved",
+                          "runlora predicted total (lower bound)"}  # fmt: skip
+    saved, predicted = lines["runlora saved tensors"], lines["runlora predicted saved"]
+    assert list(saved.x) == [1, 2, 3] and all(v is not None and v > 0 for v in saved.y)
+    mib = 2.0**20
+    assert saved.y[0] == pytest.approx(run.history.steps[0].saved_bytes / mib)
+    # the ledger's fit of the saved bytes is exact for a transformer's shapes: measured and predicted agree
+    assert saved.y[0] == pytest.approx(predicted.y[0], rel=0.05)
+    assert all(v > 0 for v in lines["runlora peak"].y)
+    assert list(lines["runlora predicted total (lower bound)"].y)[0] > predicted.y[0]
+    view.close()
