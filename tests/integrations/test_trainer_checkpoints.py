@@ -143,6 +143,43 @@ def test_resume_true_picks_the_last_adapter_checkpoint(tmp_path):
         torch.testing.assert_close(p, want[name], rtol=0, atol=0, msg=name)
 
 
+def test_load_best_model_at_end_reads_the_best_adapter_checkpoint(tmp_path):
+    model, tok = _model()
+    trainer = _trainer(tmp_path / "out", model, tok)
+    trainer.eval_dataset = Rows(make_dataset("sonnets", tok, 32, "validation"), 4)
+    args = trainer.args
+    args.eval_strategy, args.eval_steps, args.load_best_model_at_end = "steps", 2, True
+    args.metric_for_best_model, args.greater_is_better = "eval_loss", False
+    # the best checkpoint is forced to be step 2, so the loaded weights differ from the last step's
+    evals = iter([1.0, 2.0])
+    trainer.callback_handler.callbacks.insert(0, _FakeLoss(evals))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best, _ = load_model("tiny-llama")
+    apply_runlora(best, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    load_adapter(best, tmp_path / "out" / "checkpoint-2")
+    want, last = _adapter(best), _adapter(load_adapter(_model()[0], tmp_path / "out" / "checkpoint-4"))
+    got = _adapter(model)
+    assert any(not torch.allclose(want[k], last[k]) for k in want)  # step 2 and step 4 differ
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+class _FakeLoss:
+    """Overwrites each evaluation's loss with the next value of ``values`` (a callback, before the others)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        metrics["eval_loss"] = next(self.values)
+
+
 def test_sft_trainer_checkpoints_are_adapters_and_resume(tmp_path):
     datasets = pytest.importorskip("datasets", reason="trl's dependency; in the dev extra")
     from trl import SFTConfig, SFTTrainer
