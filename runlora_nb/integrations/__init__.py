@@ -5,3 +5,7 @@ Owns :mod:`.targets` < :mod:`.inject`, :mod:`.surgery`, :mod:`.adapters` (its fi
 :mod:`.wrappers` looks through DDP / ``torch.compile`` / accelerate containers and gathers FSDP2 shards.
 May import common, core, planning and nn.
 """
+
+from .trainer_checkpoints import adapter_checkpoints
+
+__all__ = ["adapter_checkpoints"]
