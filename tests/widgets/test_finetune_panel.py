@@ -207,5 +207,5 @@ def test_the_memory_chart_draws_measured_memory_against_the_ledgers_prediction(p
     # the ledger's fit of the saved bytes is exact for a transformer's shapes: measured and predicted agree
     assert saved.y[0] == pytest.approx(predicted.y[0], rel=0.05)
     assert all(v > 0 for v in lines["runlora peak"].y)
-    assert list(lines["runlora predicted total (lower bound)"].y)[0] > predicted.y[0]
+    assert lines["runlora predicted total (lower bound)"].y[0] > predicted.y[0]
     view.close()
