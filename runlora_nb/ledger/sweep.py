@@ -16,6 +16,7 @@ attrs; resuming with another one is refused.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import socket
@@ -124,8 +125,6 @@ def _taken_by(trial) -> Any:
 
 def _grid_left(study, grid: dict[str, list]) -> bool:
     """Whether a point of ``grid`` has no trial that completed, was pruned or is running (alive) on it."""
-    import itertools
-
     optuna = _optuna()
     state = optuna.trial.TrialState
     taken = [

@@ -28,7 +28,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite dat
 
 
 def _optuna():
-    import optuna
+    import optuna  # loaded on a sweep's first use: importing it costs seconds and most runs never sweep
 
     return optuna
 

@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import yaml
+
+from ..assets.zoo import max_positions
+
 __all__ = ["DEFAULT_MODEL", "FineTuneConfig", "config_fields", "load_config", "save_config", "with_backend"]
 
 # The one default model of every entry point (the dataclass, ``runlora-nb train`` with or without --config):
@@ -179,8 +184,6 @@ class FineTuneConfig:
 
     def _check_positions(self) -> None:
         """Refuse a ``seq_len`` beyond the model's positions, read from its config without building it."""
-        from ..assets.zoo import max_positions
-
         limit = max_positions(self.model)
         if limit is not None and self.seq_len > limit:
             raise ValueError(
@@ -197,8 +200,6 @@ def _is_device_name(name: Any) -> bool:
     """Whether ``name`` parses as a device (whether this machine has it is checked when a run starts)."""
     if name == "auto":
         return True
-    import torch  # the config module stays light; the check needs torch's parser
-
     try:
         torch.device(name)
     except (RuntimeError, TypeError):
@@ -225,8 +226,6 @@ def config_fields(path: str | os.PathLike) -> dict[str, Any]:
         ValueError: the file is missing, is not a mapping, or names an unknown field (the message lists the
             valid ones).
     """
-    import yaml
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(
@@ -307,8 +306,6 @@ def save_config(config: FineTuneConfig, path: str | os.PathLike) -> Path:
     Returns:
         The path.
     """
-    import yaml
-
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     path = Path(path).expanduser()
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
