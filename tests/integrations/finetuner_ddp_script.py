@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc-per-node 2 --standalone finetuner_ddp_script.py RUNS OUT [stop]``
 trains a recorded run (``runlora_nb.ledger.recorded_tuner``) on 2 ranks; every rank writes its losses and the
 SHA-256 of its final adapter to ``OUT/rank{r}.json``. With ``stop``, rank 1 asks to stop at step 2 (rank 0 must
-follow), and the run is resumed on 2 ranks by a second launch with ``resume``.
+follow), and the run is resumed on 2 ranks by a second launch with ``resume``. With ``die``, rank 1 exits after
+step 2 of a run that checkpoints every step.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ def main(runs: str, out: str, mode: str = "") -> None:
     from runlora_nb.train import FineTuneConfig
 
     rank = int(os.environ.get("RANK", "0"))
-    cfg = FineTuneConfig(**CFG, runs_dir=runs)
+    # "die" checkpoints every step; rank 1 dies after step 2 (rank 0 is left in a collective)
+    cfg = FineTuneConfig(**{**CFG, "checkpoint_every": 1 if mode == "die" else 0}, runs_dir=runs)
     if mode == "resume":
         (run_id,) = [p.name for p in Path(runs).iterdir()]
         tuner = resume_tuner(run_id, runs_dir=runs)
     else:
         tuner = recorded_tuner(cfg)
+    if mode == "die" and rank == 1:
+        tuner.history.on_step = _chain(tuner.history.on_step, lambda e: os._exit(17) if e.step == 2 else None)
     if mode == "stop" and rank == 1:
 
         class StopOnRank1:

@@ -31,7 +31,7 @@ def _script_cfg() -> dict:
     return namespace["CFG"]
 
 
-def torchrun(runs: Path, out: Path, mode: str = "") -> None:
+def torchrun(runs: Path, out: Path, mode: str = "", ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {
         k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"}
@@ -43,9 +43,11 @@ def torchrun(runs: Path, out: Path, mode: str = "") -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=out)
     except subprocess.TimeoutExpired:
         pytest.fail(f"torchrun ({mode or 'train'}) did not finish within {TIMEOUT_S} s")
-    assert proc.returncode == 0, (
-        f"torchrun failed ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    )
+    if ok:
+        assert proc.returncode == 0, (
+            f"torchrun failed ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
 
 
 def _ranks(out: Path, mode: str = "") -> list[dict]:
@@ -91,3 +93,15 @@ def test_stop_on_one_rank_stops_both_and_the_run_resumes_on_two_ranks(tmp_path):
     torchrun(tmp_path / "straight", tmp_path / "out2")  # the same job, never stopped
     (straight,) = _ranks(tmp_path / "out2")[:1]
     assert a0["losses"] == pytest.approx(straight["losses"], rel=1e-6)
+
+
+def test_a_rank_that_dies_ends_the_job_and_leaves_a_resumable_run(tmp_path):
+    proc = torchrun(tmp_path / "runs", tmp_path / "out", "die", ok=False)
+    assert proc.returncode != 0  # the launcher ends the job when a rank dies; nothing hangs
+    (run_id,) = list(list_runs(tmp_path / "runs").id)
+    run = load_run(run_id, tmp_path / "runs")
+    assert run.status in ("interrupted", "failed")  # never left "running" by a process that is gone
+    assert run.state.get("checkpoint_step", 0) >= 1 and run.checkpoint is not None
+    torchrun(tmp_path / "runs", tmp_path / "out", "resume")
+    run = load_run(run_id, tmp_path / "runs")
+    assert run.status == "finished" and list(run.steps.step) == [1, 2, 3, 4]
