@@ -36,3 +36,16 @@ def tuned_llama(r: int = 4):
         for _, layer in runlora_layers(model):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.05)
     return model.eval(), tok
+
+
+class Rows(torch.utils.data.Dataset):
+    """The rows of a tokenized split as the dicts a Trainer collates."""
+
+    def __init__(self, split, n):
+        self.t = {k: v[:n] for k, v in split.tensors.items()}
+
+    def __len__(self):
+        return len(self.t["input_ids"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.t.items()}

@@ -70,6 +70,12 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
                 f"export: {out} is not empty and {why}: {shown}; exporting would replace the whole folder. "
                 "Choose a new or empty folder for --out, or pass --force (force=True) to replace it"
             )
+    _check_writable_parent(out)
+    return out
+
+
+def _check_writable_parent(out: Path) -> None:
+    """Refuse ``out`` when its nearest existing ancestor is a file or denies writing."""
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -79,7 +85,6 @@ def check_destination(out: str | os.PathLike, force: bool = False) -> Path:
         raise ValueError(
             f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
         )
-    return out
 
 
 def gguf_file_layout(out: str | os.PathLike, fmt: str) -> bool:
@@ -111,15 +116,7 @@ def check_file_destination(out: str | os.PathLike, force: bool = False) -> Path:
             f"export: {', '.join(existing)} already exist(s) in {out.parent}; choose another --out file name, "
             "or pass --force (force=True) to replace them"
         )
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"export: cannot create {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"export: destination {out} is not writable ({parent} denies writing); choose another --out"
-        )
+    _check_writable_parent(out)
     return out
 
 

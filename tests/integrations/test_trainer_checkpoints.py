@@ -5,6 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from testutil import Rows
 
 from runlora_nb.assets.tokenized import make_dataset
 from runlora_nb.assets.zoo import load_model
@@ -14,19 +15,6 @@ from runlora_nb.integrations.inject import apply_runlora, get_peft_model
 from runlora_nb.integrations.trainer_checkpoints import is_adapter_checkpoint
 
 STEPS = 4
-
-
-class Rows(torch.utils.data.Dataset):
-    """The rows of a tokenized split as the dicts a Trainer collates."""
-
-    def __init__(self, split, n):
-        self.t = {k: v[:n] for k, v in split.tensors.items()}
-
-    def __len__(self):
-        return len(self.t["input_ids"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.t.items()}
 
 
 def _model():
