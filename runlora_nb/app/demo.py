@@ -4,19 +4,26 @@
    at the fine-tuning batch), and a whole training step without adapters / with PEFT / with runlora_nb.
 2. Fine-tune SmolLM2-135M (``--fast``: tiny-llama) with runlora_nb on the embedded sonnets, with samples
    before and after.
-3. Print the tables and write ``report.html`` (plotly charts, tables, samples) plus CSVs.
+3. The PoC checks: evaluation of the base (adapters off) against the tuned model on the validation split, the
+   memory ledger's prediction next to its measurement, and a merged export reloaded and checked for parity.
+4. Print the tables and write ``report.html`` (plotly charts, tables, samples) plus CSVs.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from ..assess.evaluate import compare_adapters
+from ..assess.export import export_model
+from ..assets.zoo import load_model
 from ..ledger.recorded import recorded_tuner
 from ..measure import LayerSpec, race_layer, race_model
+from ..measure.memory_ledger import MemoryLedger
 from ..train import FineTuneConfig, PrintProgress
 from .report import layer_race_figure, loss_figure, memory_figure, model_race_figure, write_report
 from .tables import format_layer_table
@@ -121,7 +128,8 @@ def run_demo(out_dir: str | Path = "artifacts", fast: bool = False, steps: int |
         eval_interval=max(plan.steps // 4, 1),
         output_dir=str(out / "adapter"),
     )
-    result = recorded_tuner(cfg, [PrintProgress(every=max(plan.steps // 8, 1))]).run()
+    tuner = recorded_tuner(cfg, [PrintProgress(every=max(plan.steps // 8, 1))])
+    result = tuner.run()
     losses, evals = result.losses(), result.eval_table()
     losses.to_csv(out / "losses.csv", index=False)
     samples = pd.DataFrame([{"stage": s.stage, "prompt": s.prompt, "text": s.text} for s in result.samples])
@@ -133,6 +141,8 @@ def run_demo(out_dir: str | Path = "artifacts", fast: bool = False, steps: int |
         f"total demo time {time.perf_counter() - t0:.0f} s"
     )
     print(summary)
+    print("== PoC checks: evaluation, memory ledger, export parity")
+    poc = poc_sections(tuner, plan, out)
     report = write_report(
         out / "report.html",
         f"runlora_nb demo — {plan.model}",
@@ -160,7 +170,48 @@ def run_demo(out_dir: str | Path = "artifacts", fast: bool = False, steps: int |
             ("Fine-tuning loss", loss_figure({"runlora_nb": (losses, evals)})),
             ("Samples before / after", samples),
             ("Chain plan per module", model_race.plans),
+            *poc,
         ],
     )
     print(f"wrote {report}")
     return report
+
+
+def poc_sections(tuner, plan: DemoPlan, out: Path) -> list[tuple[str, str | pd.DataFrame]]:
+    """The PoC report's checks of a finished run, as report sections (and CSV / JSON files in ``out``).
+
+    - **Evaluation**: token-weighted loss and perplexity of the base (adapters switched off) and the tuned model
+      on the validation split (:func:`~runlora_nb.assess.evaluate.compare_adapters`).
+    - **Memory**: the memory ledger's prediction next to one real step's measurement, PEFT and runlora_nb
+      (:meth:`~runlora_nb.measure.memory_ledger.MemoryLedger.compare`).
+    - **Export parity**: the tuned model merged, saved, reloaded and compared on the parity prompts
+      (:func:`~runlora_nb.assess.export.export_model`); a failed check is reported, not hidden.
+    """
+    cfg = tuner.config
+    evaluation = compare_adapters(tuner.model, tuner.val_set, cfg.batch_size, max_batches=cfg.eval_batches)
+    evaluation.to_csv(out / "evaluation.csv", index=False)
+    base, _ = load_model(cfg.model, dtype=cfg.dtype)
+    ledger = MemoryLedger(base, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    memory = ledger.compare(cfg.batch_size, cfg.seq_len)
+    memory.to_csv(out / "memory.csv", index=False)
+    exported = export_model(tuner.model, tuner.tokenizer, out / "export-merged", "merged", force=True)
+    parity = {k: v for k, v in exported.parity.items() if not isinstance(v, list | dict)}
+    table = pd.DataFrame([{"check": k, "value": v} for k, v in parity.items()])
+    (out / "parity.json").write_text(json.dumps(exported.parity, indent=2, default=str), encoding="utf-8")
+    verdict = (
+        "passed" if exported.parity.get("ok") else f"FAILED: {', '.join(exported.parity.get('failed', []))}"
+    )
+    mib = 2.0**20
+    memory_cols = ["backend", "activation_bytes_predicted", "activation_bytes_measured", "ratio",
+                   "step_bytes_predicted", "step_bytes_measured", "step_ratio", "total_bytes"]  # fmt: skip
+    shown = memory[memory_cols].copy()
+    for col in [
+        c for c in memory_cols if c.endswith("bytes") or c.endswith("_predicted") or c.endswith("_measured")
+    ]:
+        shown[col] = (shown[col] / mib).round(2)
+    shown = shown.rename(columns={c: c.replace("bytes", "MiB") for c in memory_cols})
+    return [
+        ("Evaluation: base (adapters off) vs tuned, validation split", evaluation),
+        ("Memory ledger: predicted vs measured (MiB; total is a lower bound of the peak)", shown),
+        (f"Export parity (merged, {exported.path.name}): {verdict}", table),
+    ]

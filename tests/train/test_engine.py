@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 
+import pandas as pd
 import peft
 import pytest
 import torch
@@ -227,6 +229,20 @@ def test_demo_runs_fast(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path), "--steps", "6"]) == 0
     html = (tmp_path / "report.html").read_text()
     assert "Plotly.newPlot" in html and "Chain race" in html and "Samples before / after" in html
+    # the PoC checks: evaluation base vs tuned, the memory ledger, a merged export's parity
+    assert (
+        "Evaluation: base (adapters off) vs tuned" in html and "Memory ledger: predicted vs measured" in html
+    )
+    assert "Export parity (merged" in html
+    evaluation = pd.read_csv(tmp_path / "evaluation.csv").set_index("variant")
+    assert (
+        evaluation.loc["adapted", "loss"] < evaluation.loc["base", "loss"]
+    )  # 6 steps at lr 3e-3 learn something
+    assert json.loads((tmp_path / "parity.json").read_text())["ok"] is True
+    memory = pd.read_csv(tmp_path / "memory.csv").set_index("backend")
+    assert (
+        memory.loc["runlora", "activation_bytes_measured"] < memory.loc["peft", "activation_bytes_measured"]
+    )
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     out = capsys.readouterr().out
     assert "validation loss" in out and "wrote" in out
