@@ -1,4 +1,5 @@
-"""Export a tuned model: the PEFT adapter folder, a merged transformers folder, or a GGUF file + Modelfile.
+"""Export a tuned model: the PEFT adapter folder, a merged transformers folder, a GGUF file + Modelfile, or a
+llama.cpp adapter GGUF (:mod:`.gguf_adapter`).
 
 Every export is built in a temporary sibling of ``out``, reloaded from there and compared with the in-memory
 tuned model (:func:`~runlora_nb.assess.parity.parity_report`); ``parity.json`` is written next to the artefact
@@ -65,7 +66,7 @@ class ExportResult:
     """What an export wrote and how closely it matches the tuned model.
 
     Attributes:
-        format: ``peft``, ``merged`` or ``gguf``.
+        format: ``peft``, ``merged``, ``gguf`` or ``gguf-adapter``.
         path: the export folder.
         files: names of the files in it.
         parity: the parity report (also in :attr:`parity_file`).
