@@ -145,3 +145,19 @@ def test_adapter_gguf_refusals_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
         export_model(gpt2, byte_tokenizer(), tmp_path / "x", "gguf-adapter", dtype="f32", verbose=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_adapter_gguf_refuses_a_tied_lm_head_and_two_active_adapters(tmp_path):
+    import peft
+
+    model = build_tiny("llama", "causal-lm", 2, {**TINY_DIMS, "tie": True})
+    apply_runlora(model, r=4, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="lm_head, whose weight is tied"):
+        export_model(model, byte_tokenizer(), tmp_path / "x", "gguf-adapter", dtype="f32", verbose=False)
+    base, tok = load_model("tiny-llama")
+    two = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="one")
+    two.add_adapter("two", peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    two.base_model.set_adapter(["one", "two"])
+    with pytest.raises(ValueError, match="Activate exactly one"):
+        export_model(two, tok, tmp_path / "x", "gguf-adapter", dtype="f32", verbose=False)
+    assert not (tmp_path / "x").exists()
