@@ -3,6 +3,7 @@
 Examples:
     runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf --out exports/smol
     runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf --out exports/smol.gguf
+    runlora-nb export --model smollm2-135m --adapter runs/ID/adapter --format gguf-adapter --out exports/lora
     runlora-nb memory --model smollm2-135m --batch 4 --seq 256 --rank 16 --budget-gib 8
 """
 
@@ -47,6 +48,12 @@ def add_parsers(sub) -> None:
         default=None,
         help="GGUF: llama.cpp pre-tokenizer name (tokenizer.ggml.pre) for a tokenizer it is not recognised from",
     )
+    ex.add_argument(
+        "--base-gguf",
+        default=None,
+        help="gguf-adapter: the base GGUF the Modelfile's FROM names (ours from --format gguf of the base, or "
+        "the model authors'); without it base.gguf is written beside adapter.gguf",
+    )
 
     mem = sub.add_parser("memory", help="predict a fine-tune's memory, then measure it (PEFT vs runlora_nb)")
     mem.add_argument("--model", default="tiny-llama", help="zoo name or local folder")
@@ -71,6 +78,7 @@ def _export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         pre_tokenizer=args.pre_tokenizer,
+        base_gguf=args.base_gguf,
     )
     print(f"{result.format} export: {result.path} ({', '.join(result.files)})")
     if not result.parity.get("ok", True):

@@ -1,4 +1,5 @@
-"""Export a tuned model: the PEFT adapter folder, a merged transformers folder, or a GGUF file + Modelfile.
+"""Export a tuned model: the PEFT adapter folder, a merged transformers folder, a GGUF file + Modelfile, or a
+llama.cpp adapter GGUF (:mod:`.gguf_adapter`).
 
 Every export is built in a temporary sibling of ``out``, reloaded from there and compared with the in-memory
 tuned model (:func:`~runlora_nb.assess.parity.parity_report`); ``parity.json`` is written next to the artefact
@@ -57,7 +58,7 @@ __all__ = [
     "merged_copy",
 ]
 
-FORMATS = ("peft", "merged", "gguf")
+FORMATS = ("peft", "merged", "gguf", "gguf-adapter")
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ExportResult:
     """What an export wrote and how closely it matches the tuned model.
 
     Attributes:
-        format: ``peft``, ``merged`` or ``gguf``.
+        format: ``peft``, ``merged``, ``gguf`` or ``gguf-adapter``.
         path: the export folder.
         files: names of the files in it.
         parity: the parity report (also in :attr:`parity_file`).
@@ -222,7 +223,14 @@ def _export_merged(model: nn.Module, tokenizer: Any, tmp: Path, prompts) -> dict
 
 
 def _export_folder(
-    model: nn.Module, tokenizer: Any, out: Path, fmt: str, dtype: str, prompts, pre_tokenizer: str | None
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    fmt: str,
+    dtype: str,
+    prompts,
+    pre_tokenizer: str | None,
+    base_gguf: str | None = None,
 ) -> tuple[dict[str, Any], list[str], Path | None]:
     """Build the export folder in a temporary sibling, with ``parity.json`` and the manifest, then move it to
     ``out`` (:func:`~runlora_nb.common.paths.atomic_dir`). Returns the report, the file names, the GGUF."""
@@ -232,6 +240,19 @@ def _export_folder(
             report = _export_peft(model, tokenizer, tmp, prompts)
         elif fmt == "merged":
             report = _export_merged(model, tokenizer, tmp, prompts)
+        elif fmt == "gguf-adapter":
+            from .gguf_adapter import export_gguf_adapter
+
+            report = export_gguf_adapter(
+                model,
+                tokenizer,
+                tmp,
+                dtype,
+                base_copy(model),
+                base_gguf=base_gguf,
+                pre_tokenizer=pre_tokenizer,
+            )
+            artefact = out / report["file"]
         else:
             from .gguf_export import export_gguf
 
@@ -289,6 +310,7 @@ def export_model(
     verbose: bool = True,
     force: bool = False,
     pre_tokenizer: str | None = None,
+    base_gguf: str | None = None,
 ) -> ExportResult:
     """Export a tuned model and check the artefact against it.
 
@@ -300,7 +322,10 @@ def export_model(
             with ``x.Modelfile`` and ``x.parity.json`` beside it and no manifest (see
             :func:`check_file_destination`).
         fmt: ``peft`` (adapter folder), ``merged`` (transformers folder: safetensors, tokenizer, generation
-            config) or ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``, or ``x.gguf`` as above).
+            config), ``gguf`` (llama models: ``model.gguf`` + ``Modelfile``, or ``x.gguf`` as above) or
+            ``gguf-adapter`` (llama models: the LoRA alone as a llama.cpp adapter ``adapter.gguf``, a
+            ``Modelfile`` with ``FROM`` + ``ADAPTER``, and ``base.gguf`` unless ``base_gguf`` is given; checked
+            structurally by :func:`~.gguf_adapter.check_adapter_gguf`, whose report is ``parity.json``).
         dtype: GGUF tensor type, ``f32``, ``f16`` or ``bf16`` (ignored for the other formats).
         prompts: the parity prompt set.
         verbose: print the parity line.
@@ -308,6 +333,8 @@ def export_model(
             ``.gguf`` file, when the file or its sidecars exist).
         pre_tokenizer: for ``gguf``, the ``tokenizer.ggml.pre`` name to write instead of the one recognised
             from the tokenizer (see :func:`~.gguf_export.pre_tokenizer_name`).
+        base_gguf: for ``gguf-adapter``, the base GGUF the Modelfile's ``FROM`` names (exported by us with
+            ``fmt='gguf'`` from the base, or shipped by the model's authors); None writes ``base.gguf``.
 
     Returns:
         An :class:`ExportResult`; ``parity.json`` and the manifest ``runlora_export.json`` are in the folder
@@ -322,13 +349,21 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ValueError(f"export: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt != "peft":
+    if fmt != "peft" and not (fmt == "gguf-adapter" and base_gguf is not None):
         _check_tokenizer(tokenizer, fmt)
     if fmt == "gguf":
         from .gguf_export import check_gguf_exportable, pre_tokenizer_name
 
         check_gguf_exportable(_inner(model), dtype)
         pre_tokenizer_name(tokenizer, pre_tokenizer)  # an unknown tokenizer fails before any work
+    if fmt == "gguf-adapter":
+        from .gguf_adapter import adapter_tensors
+        from .gguf_export import check_gguf_exportable, pre_tokenizer_name
+
+        check_gguf_exportable(_inner(model), dtype)
+        adapter_tensors(model, dtype)  # an adapter llama.cpp cannot hold fails before any work
+        if base_gguf is None:
+            pre_tokenizer_name(tokenizer, pre_tokenizer)
     file_layout = gguf_file_layout(out, fmt)
     out = _check_out(out, fmt, force)
     had_export = out.exists() if file_layout else out.is_dir() and any(out.iterdir())
@@ -340,7 +375,7 @@ def export_model(
             files = [p.name for p in _sidecars(out)]
         else:
             report, files, artefact = _export_folder(
-                model, tokenizer, out, fmt, dtype, prompts, pre_tokenizer
+                model, tokenizer, out, fmt, dtype, prompts, pre_tokenizer, base_gguf
             )
     except PermissionError as err:
         raise ValueError(f"export: destination {out} is not writable ({err}); nothing was written") from err
@@ -349,7 +384,9 @@ def export_model(
             raise _no_space_error(out, _export_bytes(model, fmt, dtype), had_export) from err
         raise
     if verbose:
-        print(format_parity(report))
+        from .gguf_adapter import format_adapter_check
+
+        print(format_adapter_check(report) if fmt == "gguf-adapter" else format_parity(report))
     return ExportResult(fmt, out.parent if file_layout else out, files, report, artefact, parity_file)
 
 
@@ -363,6 +400,7 @@ def export_from_files(
     verbose: bool = True,
     force: bool = False,
     pre_tokenizer: str | None = None,
+    base_gguf: str | None = None,
 ) -> ExportResult:
     """Load ``model`` (zoo name or folder) and its saved ``adapter`` folder, then :func:`export_model`.
 
@@ -376,5 +414,13 @@ def export_from_files(
     base, tokenizer = load_model(model)
     tuned = load_adapter(base, adapter)
     return export_model(
-        tuned, tokenizer, out, fmt, dtype=dtype, verbose=verbose, force=force, pre_tokenizer=pre_tokenizer
+        tuned,
+        tokenizer,
+        out,
+        fmt,
+        dtype=dtype,
+        verbose=verbose,
+        force=force,
+        pre_tokenizer=pre_tokenizer,
+        base_gguf=base_gguf,
     )

@@ -142,3 +142,18 @@ def test_export_gguf_to_a_gguf_path_writes_that_file_not_a_folder(tmp_path, caps
     assert (tmp_path / "model.Modelfile").read_text().startswith("FROM ./model.gguf\n")
     assert main(argv) == 2  # the files exist: refused, one line, kept
     assert "already exist" in capsys.readouterr().err and out.is_file()
+
+
+def test_export_gguf_adapter_writes_the_adapter_and_a_modelfile_from_the_given_base(tmp_path, capsys):
+    model, _ = load_model("tiny-llama")
+    apply_runlora(model, r=4, alpha=8, target_modules="all-linear")
+    save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "lora"
+    assert main(["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"),
+                 "--format", "gguf-adapter", "--dtype", "f32", "--base-gguf", "/models/base.gguf",
+                 "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "adapter check gguf-adapter: OK" in printed and "gguf-adapter export:" in printed
+    assert (out / "Modelfile").read_text() == "FROM /models/base.gguf\nADAPTER ./adapter.gguf\n"
+    assert (out / "adapter.gguf").is_file() and not (out / "base.gguf").exists()
+    assert json.loads((out / "parity.json").read_text())["ok"] is True
