@@ -92,11 +92,23 @@ def lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] 
     return None
 
 
+def _training_plan(layer: ChainDispatch):
+    """The plan of the layer's latest training call (one that makes dA or dB), else of its last call.
+
+    After an evaluation the last call is a no-grad forward, whose plan says nothing about how the layer trains.
+    """
+    plans, last = layer._runlora_plans, layer._runlora_last_key
+    if last is not None and last[1].adapter:
+        return plans.get(last)
+    training = [plan for key, plan in plans.items() if key[1].adapter]  # dict order: first planned first
+    return training[-1] if training else layer.last_plan
+
+
 def _chain(module: nn.Module) -> str:
-    """The chain pair the layer used last ("fwd+bwd"), its pinned pair or mode before a call, "peft" for PEFT."""
+    """The chain pair the layer trains with ("fwd+bwd"), its pinned pair or mode before a call, "peft" for PEFT."""
     if not isinstance(module, ChainDispatch):
         return "peft"
-    plan = module.last_plan
+    plan = _training_plan(module)
     if plan is not None:
         return f"{plan.fwd}+{plan.bwd}"
     chain = module.runlora_chain
@@ -142,7 +154,8 @@ def adapter_xray(model: nn.Module) -> pd.DataFrame:
         Columns :data:`XRAY_COLUMNS`: module, in_features, out_features, r, scaling (s), norm (‖sBA‖_F),
         svals (the top :data:`TOP_K` singular values of sBA, a list), effective_rank (entropy effective rank,
         see the module docstring), grad_A / grad_B (‖∇A‖_F, ‖∇B‖_F from ``.grad``; NaN without one, e.g. after
-        ``zero_grad(set_to_none=True)``), chain ("fwd+bwd" of the layer's last plan; "peft" for PEFT layers).
+        ``zero_grad(set_to_none=True)``), chain ("fwd+bwd" of the layer's latest training plan, else of its last
+        plan; "peft" for PEFT layers).
         Empty (with these columns) for a model without LoRA modules.
     """
     rows = [_row(name, a, b, s, _chain(mod), True) for name, mod, (a, b, s) in _lora_modules(model)]
