@@ -53,3 +53,28 @@ def test_a_failing_xray_is_recorded_not_raised():
 
     h = XrayHistory()
     assert h.record(3, Broken()) is None and "boom" in h.error and h.latest() is None
+
+
+def test_lab_tab_draws_the_xray_live_and_from_a_folder_and_reports_bad_folders(picker_ctl, run_dir):
+    from runlora_nb.widgets import LoRALab
+    from runlora_nb.widgets.adapter_xray_view import ERANK, NORM
+
+    ctl = FineTuneController(picker_ctl, steps=3, output_dir=str(run_dir / "b"), **FAST)
+    lab = LoRALab(xray_runs=lambda: ctl.runs)
+    lab.xray.refresh_button.click()  # nothing trained yet: a note, not an error
+    assert "no fine-tune X-ray yet" in lab.xray.caption.value and not lab.errors.messages
+    ctl.subscribe(lab.guard(lab.xray.follow, where="X-ray"))
+    (run,) = ctl.run()
+    lab.xray._redraw.flush()
+    bars = lab.xray.figure.data
+    assert len(bars[NORM].x) == 14 and all(v > 0 for v in bars[NORM].y)  # live, after the last evaluation
+    assert list(bars[ERANK].y) == list(run.xray.latest().table["effective_rank"])
+    assert "after step 3" in lab.xray.caption.value and "q_proj" in lab.xray.table.value
+
+    lab.xray.folder.value = str(run_dir / "b")
+    lab.xray.open_button.click()
+    assert "saved adapter" in lab.xray.caption.value and not lab.errors.messages
+    lab.xray.folder.value = str(run_dir / "nowhere")
+    lab.xray.open_button.click()
+    assert "is missing" in lab.errors.text  # the panel's own error area
+    lab.close()
