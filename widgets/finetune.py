@@ -36,6 +36,7 @@ from runlora_nb.train import (
     with_backend,
 )
 
+from .adapter_xray import XrayHistory
 from .memory_watch import MemoryPrediction, predict_memory
 from .tasks import BackgroundTask, Listeners
 
@@ -80,6 +81,7 @@ class RunTrace:
         plans: the chain plan per module after step 1 (runlora_nb only), as a table.
         stop_requested_at: the last finished step when Stop was pressed (None: not stopped).
         memory: the memory ledger's prediction (None: not asked for, or it failed; see ``memory_error``).
+        xray: the adapter's X-ray after each evaluation (:class:`~runlora_nb.widgets.adapter_xray.XrayHistory`).
     """
 
     backend: str
@@ -90,6 +92,7 @@ class RunTrace:
     stop_requested_at: int | None = None
     memory: MemoryPrediction | None = None
     memory_error: str | None = None
+    xray: XrayHistory = field(default_factory=XrayHistory)
 
     @property
     def steps(self) -> list[int]:
@@ -166,6 +169,7 @@ class _RunListener(Callback):
 
     def on_eval(self, event: EvalEvent) -> None:
         self.controller.listeners.notify("eval", event)
+        self.controller._xray(self.trace, event.step)
 
     def on_end(self, event: EndEvent) -> None:
         self.controller.listeners.notify("end", event)
@@ -181,8 +185,9 @@ class FineTuneController:
         **settings: :class:`FineTuneSettings` fields.
 
     Events (``subscribe(fn)``, ``fn(kind, payload)``): ``"run"`` (a new :class:`RunTrace`), ``"start"``,
-    ``"step"``, ``"eval"``, ``"sample"``, ``"plans"``, ``"end"`` (the trainer's events), ``"finished"`` (all
-    runs done), ``"error"`` (traceback text).
+    ``"step"``, ``"eval"``, ``"sample"``, ``"plans"``, ``"end"`` (the trainer's events), ``"xray"`` ((trace,
+    :class:`~runlora_nb.widgets.adapter_xray.XraySnapshot`) after each evaluation), ``"finished"`` (all runs
+    done), ``"error"`` (traceback text).
     """
 
     def __init__(
@@ -322,6 +327,18 @@ class FineTuneController:
         gc.collect()
         reset_peak_rss()  # the run's measured peak starts here, not at the probes' copies of the model
         self.listeners.notify("memory", trace)
+
+    def _xray(self, trace: RunTrace, step: int) -> None:
+        """X-ray the model of the trainer this controller created for ``trace`` (the listener only says when)."""
+        with self._lock:
+            trainer = next((t for r, t in zip(self.runs, self.trainers) if r is trace), None)
+        snap = (
+            trace.xray.record(step, trainer.model)
+            if trainer is not None and trainer.model is not None
+            else None
+        )
+        if snap is not None:
+            self.listeners.notify("xray", (trace, snap))
 
     def _failed(self, text: str) -> None:
         self.error = text

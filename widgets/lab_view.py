@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 
 import ipywidgets as widgets
 import pandas as pd
@@ -10,6 +11,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from .adapter_xray_view import XraySection
 from .chrome import Panel
 from .formatting import df_html, fmt_bytes
 from .lab import ALL_PAIRS, PROXY, LabController, warm_up
@@ -37,6 +39,7 @@ class LoRALab(Panel):
 
     Args:
         controller: the state (default: a new :class:`LabController`).
+        xray_runs: returns the fine-tune's runs, for the X-ray section's "last fine-tune" (None: folders only).
 
     Attributes:
         controller: the :class:`LabController`.
@@ -45,9 +48,12 @@ class LoRALab(Panel):
             the fewest-FLOP pair, with the current (N, r) marked.
         formula: the chosen pair, its formulas and the planner's reason.
         peft_table, runlora_table: the tensors each keeps for backward, with bytes.
+        xray: the :class:`~runlora_nb.widgets.adapter_xray_view.XraySection` (what each adapter learnt).
     """
 
-    def __init__(self, controller: LabController | None = None) -> None:
+    def __init__(
+        self, controller: LabController | None = None, xray_runs: Callable[[], list] | None = None
+    ) -> None:
         super().__init__()
         self.add_class("runlora-lab")
         self.controller = controller or LabController()
@@ -65,6 +71,7 @@ class LoRALab(Panel):
         self.peft_table = widgets.HTML(layout=widgets.Layout(margin="0 32px 0 0"))
         self.runlora_table = widgets.HTML()
         self.saved_note = widgets.HTML()
+        self.xray = XraySection(self, xray_runs)
         self._redraw = self.throttled(self._draw)
         self.task = BackgroundTask("runlora-lab", on_error=lambda tb: self.errors.show(f"lab warm-up: {tb}"))
 
@@ -93,6 +100,7 @@ class LoRALab(Panel):
             widgets.HTML("<b>kept for backward</b> (one layer)"),
             widgets.HBox([self.peft_table, self.runlora_table]),
             self.saved_note,
+            self.xray,
             self.errors.widget,
         ]
         self._draw()
