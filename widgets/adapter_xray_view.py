@@ -42,6 +42,7 @@ class XraySection(widgets.VBox):
 
     def __init__(self, panel: Panel, runs: Callable[[], list] | None = None) -> None:
         super().__init__()
+        self.add_class("runlora-xray")
         self.panel, self.runs = panel, runs
         self.refresh_button = widgets.Button(description="X-ray last fine-tune", disabled=runs is None)
         self.folder = widgets.Text(placeholder="run folder or adapter folder", layout={"width": "360px"})

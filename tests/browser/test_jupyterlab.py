@@ -245,6 +245,14 @@ _BAR_POINTS = """([panel, index]) => {
   const traces = plot.querySelectorAll('.barlayer .trace.bars');
   return traces.length > index ? traces[index].querySelectorAll('.point path').length : 0;
 }"""
+# points of the first line of a panel's second plotly chart (the Fine-tune panel's memory chart)
+_SECOND_CHART_POINTS = """(panel) => {
+  const plots = document.querySelectorAll(`.${panel} .js-plotly-plot`);
+  if (plots.length < 2) return 0;
+  const line = plots[1].querySelector('.scatterlayer .trace.scatter .js-line');
+  if (!line) return 0;
+  return (line.getAttribute('d') || '').split(/[ML]/).filter(s => s.trim()).length;
+}"""
 # lines with at least two points in one panel's plotly chart (one per sweep trial)
 _LINE_COUNT = """(panel) => {
   const plot = document.querySelector(`.${panel} .js-plotly-plot`);
@@ -367,6 +375,20 @@ def test_dashboard_in_jupyterlab(jupyterlab):
                 "runlora-finetune",
             )
             assert points >= 3
+            # the memory chart draws the measured saved bytes step by step, and the X-ray (LoRA lab tab) fills
+            # from the run's evaluations
+            memory_points = stages.wait(
+                "memory chart points",
+                f"(p) => ({_SECOND_CHART_POINTS})(p) >= 2 ? ({_SECOND_CHART_POINTS})(p) : 0",
+                "runlora-finetune",
+            )
+            assert memory_points >= 2
+            page.locator(".lm-TabBar-tab", has_text="LoRA lab").click()
+            xray_bars = stages.wait(
+                "x-ray bars", f"(a) => ({_BAR_POINTS})(a)", ["runlora-xray", 0], limit_s=120
+            )
+            assert xray_bars >= 1
+            page.locator(".lm-TabBar-tab", has_text="Fine-tune").click()
 
             # a real click on Stop ends training within two steps
             stop = page.locator(".runlora-finetune button", has_text="Stop")
