@@ -26,6 +26,8 @@ _SPACE_OPTIONS = {
     "dtype": ("dtype", str),
     "backend": ("backend", str),
     "chain": ("chain", str),
+    "use_rslora": ("use_rslora", bool),
+    "lora_plus_ratio": ("lora_plus_ratio", float),
 }
 
 

@@ -1,7 +1,8 @@
 """The search space of a sweep: each LoRA/run setting is a fixed value, a list of choices or a range.
 
 :class:`SearchSpace` is a frozen dataclass with one field per setting a sweep may vary: ``r``, ``alpha`` (or
-``alpha_over_r``), ``lr``, ``dropout``, ``targets``, ``quantization``, ``dtype``, ``backend`` and ``chain``. Each
+``alpha_over_r``), ``lr``, ``dropout``, ``targets``, ``quantization``, ``dtype``, ``backend``, ``chain``,
+``use_rslora`` (rsLoRA's alpha / sqrt(r) scaling) and ``lora_plus_ratio`` (LoRA+: a larger lr for B). Each
 field is
 
 - a fixed value (``lr=3e-4``, ``targets="all-linear"``, ``targets=("q_proj", "v_proj")``),
@@ -23,13 +24,14 @@ from typing import Any
 __all__ = ["SearchSpace", "parse_values"]
 
 _INT = ("r",)
-_FLOAT = ("alpha", "alpha_over_r", "lr", "dropout")
+_FLOAT = ("alpha", "alpha_over_r", "lr", "dropout", "lora_plus_ratio")
 _CATEGORICAL = {
     "targets": None,  # any name list / "all-linear" / None
     "quantization": (None, "nf4", "fp4", "int8"),
     "dtype": ("fp32", "bf16", "fp16"),
     "backend": ("runlora", "peft"),
     "chain": ("auto", "flops", "timed"),
+    "use_rslora": (False, True),
 }
 
 
@@ -41,7 +43,7 @@ def _check_number(name: str, value: Any) -> str | None:
         return f"an integer >= 1, got {value!r}"
     if name == "dropout" and not 0 <= value < 1:
         return f"in [0, 1), got {value!r}"
-    if name in ("alpha", "alpha_over_r", "lr") and not value > 0:
+    if name in ("alpha", "alpha_over_r", "lr", "lora_plus_ratio") and not value > 0:
         return f"> 0, got {value!r}"
     return None
 
@@ -81,6 +83,8 @@ class SearchSpace:
         dtype: ``"fp32"``, ``"bf16"``, ``"fp16"``, or a list.
         backend: ``"runlora"``, ``"peft"``, or a list.
         chain: planner mode ``"auto"``, ``"flops"``, ``"timed"``, or a list.
+        use_rslora: rank-stabilised scaling alpha / sqrt(r) (rsLoRA), False, True, or ``[False, True]``.
+        lora_plus_ratio: LoRA+: B's learning rate is ``lr × ratio`` (its paper suggests 16); None: one lr.
 
     Raises:
         ValueError: an empty list, an empty or inverted range, a range on a categorical field, a log range
@@ -102,6 +106,8 @@ class SearchSpace:
     dtype: Any = "fp32"
     backend: Any = "runlora"
     chain: Any = "auto"
+    use_rslora: Any = False
+    lora_plus_ratio: Any = None
 
     def __post_init__(self) -> None:
         dims = self.dims()  # validates every field
@@ -129,7 +135,7 @@ class SearchSpace:
         value = getattr(self, name)
         numeric = name in _INT or name in _FLOAT
         check = _check_number if numeric else _check_category
-        if name == "alpha" and value is None:
+        if name in ("alpha", "lora_plus_ratio") and value is None:
             return ("fixed", None)
         if isinstance(value, list):
             if not value:
@@ -175,7 +181,7 @@ class SearchSpace:
         Raises:
             ValueError: an invalid field (see the class).
         """
-        for name in ("r", "alpha", "alpha_over_r", "lr", "dropout", *_CATEGORICAL):
+        for name in ("r", *_FLOAT, *_CATEGORICAL):
             if name not in _INT + _FLOAT and isinstance(getattr(self, name), tuple) and name != "targets":
                 raise ValueError(
                     f"SearchSpace: {name} is categorical; a range {getattr(self, name)!r} makes no sense, "
@@ -229,7 +235,7 @@ class SearchSpace:
 
         Returns:
             ``r``, ``alpha``, ``lr``, ``dropout``, ``targets``, ``quantization``, ``dtype``, ``backend``,
-            ``chain`` for the run.
+            ``chain``, ``use_rslora`` and ``lora_plus_ratio`` for the run.
         """
         values: dict[str, Any] = {}
         for name, dim in self.dims().items():
@@ -261,7 +267,7 @@ def parse_values(text: str, kind: type = float) -> Any:
 
     Args:
         text: the option's text.
-        kind: ``int``, ``float`` or ``str`` (``"none"`` becomes None for str).
+        kind: ``int``, ``float``, ``bool`` (``true``/``false``) or ``str`` (``"none"`` becomes None for str).
 
     Returns:
         A fixed value, a list of choices or a ``(low, high, log)`` tuple, as :class:`SearchSpace` takes.
@@ -274,12 +280,16 @@ def parse_values(text: str, kind: type = float) -> Any:
         s = s.strip()
         if kind is str:
             return None if s.lower() == "none" else s
+        if kind is bool:
+            if s.lower() not in ("true", "false"):
+                raise ValueError(f"sweep: {s!r} in {text!r} is not true or false")
+            return s.lower() == "true"
         try:
             return kind(float(s)) if kind is int and float(s).is_integer() else kind(s)
         except ValueError:
             raise ValueError(f"sweep: {s!r} in {text!r} is not a valid {kind.__name__}") from None
 
-    if ":" in text and kind is not str:
+    if ":" in text and kind not in (str, bool):
         parts = text.split(":")
         log = len(parts) == 3 and parts[2].strip().lower() == "log"
         if len(parts) not in (2, 3) or (len(parts) == 3 and not log):

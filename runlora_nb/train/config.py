@@ -33,7 +33,7 @@ INT_FIELDS = (
     "sample_tokens",
     "checkpoint_every",
 )
-FLOAT_FIELDS = ("alpha", "dropout", "lr", "weight_decay", "max_grad_norm")
+FLOAT_FIELDS = ("alpha", "dropout", "lr", "weight_decay", "max_grad_norm", "lora_plus_ratio")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class FineTuneConfig:
             Stop.
         runs_dir: root of the run ledger (default ``$RUNLORA_NB_RUNS``, else the cache's ``runs/``).
         device: ``"auto"`` (CUDA, then MPS, then the CPU), or a device name (``"cpu"``, ``"cuda:1"``, …).
+        use_rslora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (rsLoRA, Kalajdzievski 2023).
+        lora_plus_ratio: LoRA+ (Hayou et al. 2024): the B matrices learn at ``lr × ratio`` (16 in its paper),
+            the A matrices at ``lr``; None: one learning rate.
         autocast: mixed precision: ``"auto"`` (bf16 autocast of an fp32 base on a CUDA device that supports
             it, adapters kept fp32; none on the CPU), ``"off"``, ``"bf16"`` or ``"fp16"``.
     """
@@ -108,6 +111,8 @@ class FineTuneConfig:
     runs_dir: str | None = None
     device: str = "auto"
     autocast: str = "auto"
+    use_rslora: bool = False
+    lora_plus_ratio: float | None = None
 
     def __post_init__(self) -> None:
         self._check_kinds()
@@ -123,6 +128,10 @@ class FineTuneConfig:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.eval_interval >= 0, f"eval_interval must be >= 0, got {self.eval_interval}"),
+            (
+                self.lora_plus_ratio is None or self.lora_plus_ratio > 0,
+                f"lora_plus_ratio must be > 0 (or None: one lr), got {self.lora_plus_ratio}",
+            ),
             (
                 self.autocast in ("auto", "off", "bf16", "fp16"),
                 f"autocast must be 'auto', 'off', 'bf16' or 'fp16', got {self.autocast!r}",
@@ -169,7 +178,7 @@ class FineTuneConfig:
                 )
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
-            if value is None and name == "max_grad_norm":  # None: no clipping
+            if value is None and name in ("max_grad_norm", "lora_plus_ratio"):  # None: off
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(

@@ -20,7 +20,6 @@ import json
 import math
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,6 @@ from ..assets.hf import greedy_continuation
 from ..assets.tokenized import batches, make_dataset
 from ..assets.zoo import load_model
 from ..common.metrics import perplexity
-from ..common.paths import cache_dir
 from ..common.sysmem import peak_rss_bytes
 from ..core.memory import SavedTensorRecorder
 from ..integrations.adapters import save_adapter
@@ -56,7 +54,16 @@ from .events import (
 from .guards import UniformLossGuard, vocab_size
 from .history import History
 from .metrics import batch_nll
-from .setup import adapter_is_finite, add_adapters, enable_checkpointing, lr_factor, task_of, trainable
+from .setup import (
+    adapter_is_finite,
+    add_adapters,
+    default_adapter_dir,
+    enable_checkpointing,
+    lr_factor,
+    make_optimizer,
+    task_of,
+    trainable,
+)
 from .state import COMPARED_FIELDS, TrainState, check_config, rng_state, set_rng_state
 
 __all__ = ["DivergedError", "FineTuner", "default_adapter_dir", "enable_checkpointing"]
@@ -64,11 +71,6 @@ __all__ = ["DivergedError", "FineTuner", "default_adapter_dir", "enable_checkpoi
 
 class DivergedError(ValueError):
     """The loss or the gradient norm became NaN/inf (the run ends as *diverged*)."""
-
-
-def default_adapter_dir(backend: str) -> Path:
-    """A fresh folder ``<cache>/adapters/<YYYYmmdd-HHMMSS>-<backend>-<8 hex>`` for a run that names none."""
-    return cache_dir("adapters") / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}-{uuid.uuid4().hex[:8]}"
 
 
 class FineTuner:
@@ -262,7 +264,7 @@ class FineTuner:
         self._train_model = wrap_ddp(self.model, self.device, self.ranks)  # the model itself on one process
         self.tokenizer = tok
         self._params = list(trainable(self.model).values())
-        self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
     # -------------------------------------------------------------------------------------------- loop

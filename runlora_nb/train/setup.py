@@ -6,15 +6,28 @@ Free functions of the config and the model, so that each can be read (and tested
 from __future__ import annotations
 
 import math
+import time
+import uuid
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..assets.datasets import dataset_kind
+from ..common.paths import cache_dir
 from ..integrations.inject import apply_runlora, check_rank, find_targets, get_peft_model
 from .config import FineTuneConfig
 
-__all__ = ["adapter_is_finite", "add_adapters", "enable_checkpointing", "lr_factor", "task_of", "trainable"]
+__all__ = [
+    "adapter_is_finite",
+    "add_adapters",
+    "default_adapter_dir",
+    "enable_checkpointing",
+    "lr_factor",
+    "make_optimizer",
+    "task_of",
+    "trainable",
+]
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -48,9 +61,8 @@ def add_adapters(model: nn.Module, cfg: FineTuneConfig) -> nn.Module:
     """Add the config's LoRA adapters with the config's backend (runlora_nb layers or PEFT's)."""
     targets = list(cfg.targets) if isinstance(cfg.targets, tuple) else cfg.targets
     if cfg.backend == "runlora":
-        return apply_runlora(
-            model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets, chain=cfg.chain
-        )
+        return apply_runlora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                             chain=cfg.chain, use_rslora=cfg.use_rslora)  # fmt: skip
     import peft  # only the PEFT backend needs it loaded
 
     # PEFT drops target names that match nothing and allocates any rank: refuse both as apply_runlora does
@@ -59,7 +71,8 @@ def add_adapters(model: nn.Module, cfg: FineTuneConfig) -> nn.Module:
         from ..core.quant import guard_cpu_repack  # imports bitsandbytes
 
         guard_cpu_repack(model)
-    lcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    lcfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                           use_rslora=cfg.use_rslora)  # fmt: skip
     return get_peft_model(model, lcfg)
 
 
@@ -71,3 +84,25 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def adapter_is_finite(model: nn.Module) -> bool:
     """True when every trainable parameter is finite."""
     return all(bool(torch.isfinite(p).all()) for p in trainable(model).values())
+
+
+def make_optimizer(model: nn.Module, cfg: FineTuneConfig) -> torch.optim.AdamW:
+    """AdamW over the adapter: one group at ``cfg.lr``, or with LoRA+ the B matrices in a second group at
+    ``cfg.lr × cfg.lora_plus_ratio`` (the scheduler scales both alike). The first group is the A side, so the
+    lr a step event reports is ``cfg.lr``'s schedule."""
+    params = trainable(model)
+    if cfg.lora_plus_ratio is None:
+        return torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    b = [p for n, p in params.items() if "lora_B" in n]
+    rest = [p for n, p in params.items() if "lora_B" not in n]
+    if not b:
+        raise ValueError(
+            "train.setup: lora_plus_ratio is set but the model has no lora_B parameters; unset lora_plus_ratio"
+        )
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": b, "lr": cfg.lr * cfg.lora_plus_ratio}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def default_adapter_dir(backend: str) -> Path:
+    """A fresh folder ``<cache>/adapters/<YYYYmmdd-HHMMSS>-<backend>-<8 hex>`` for a run that names none."""
+    return cache_dir("adapters") / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}-{uuid.uuid4().hex[:8]}"

@@ -20,7 +20,7 @@ __all__ = ["COMPARED_FIELDS", "TrainState", "check_config", "rng_state", "set_rn
 #: Config fields a resumed run must share with the run that wrote the checkpoint.
 COMPARED_FIELDS = ("model", "dataset", "task", "r", "alpha", "dropout", "targets", "quantization", "dtype", "lr",
                    "weight_decay", "steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "schedule",
-                   "max_grad_norm", "seed", "backend", "chain")  # fmt: skip
+                   "max_grad_norm", "seed", "backend", "chain", "use_rslora", "lora_plus_ratio")  # fmt: skip
 
 
 @dataclass(frozen=True)

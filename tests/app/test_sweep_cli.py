@@ -43,6 +43,7 @@ def test_cli_values_become_a_search_space():
     class Args:
         r, alpha, alpha_over_r, lr, dropout = "4:16", None, "1,2", "1e-4:1e-2:log", "0"
         targets, quantization, dtype, backend, chain = "all-linear,q_proj+v_proj", "none", None, "peft", None
+        use_rslora, lora_plus_ratio = None, None
 
     space = _space(Args)
     assert space.r == (4, 16, False) and space.lr == (1e-4, 1e-2, True) and space.alpha_over_r == [1.0, 2.0]
