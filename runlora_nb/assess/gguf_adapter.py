@@ -26,7 +26,15 @@ from torch import nn
 
 from ..common.numerics import rounding_bound
 from ..common.paths import atomic_write_text
-from .gguf_export import _basename, _permute, _tied, _write_gguf, check_gguf_exportable, pre_tokenizer_name
+from .gguf_export import (
+    _basename,
+    _permute,
+    _tied,
+    _write_gguf,
+    check_gguf_exportable,
+    finish_gguf,
+    pre_tokenizer_name,
+)
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -200,12 +208,7 @@ def write_adapter_gguf(path: Path, model: nn.Module, dtype: str) -> dict[str, np
     writer.add_basename(basename)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, array in tensors.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, tensors)
     return tensors
 
 

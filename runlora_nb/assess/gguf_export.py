@@ -233,6 +233,14 @@ def _write_gguf(
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
+    finish_gguf(writer, tensors)
+    return tensors
+
+
+def finish_gguf(writer: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Add ``tensors`` (bf16 as raw uint16) to a :class:`gguf.GGUFWriter` whose metadata is set, write, close."""
+    import gguf
+
     bf16 = gguf.GGMLQuantizationType.BF16
     for name, array in tensors.items():
         writer.add_tensor(name, array, raw_dtype=bf16 if array.dtype == np.uint16 else None)
@@ -240,7 +248,6 @@ def _write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return tensors
 
 
 def modelfile_text(tokenizer: Any, gguf_file: str = GGUF_FILE) -> str:

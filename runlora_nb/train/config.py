@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from ..assets.zoo import max_positions
+from .device import AUTOCAST_CHOICES, is_device_name
 
 __all__ = ["DEFAULT_MODEL", "FineTuneConfig", "config_fields", "load_config", "save_config", "with_backend"]
 
@@ -133,11 +133,11 @@ class FineTuneConfig:
                 f"lora_plus_ratio must be > 0 (or None: one lr), got {self.lora_plus_ratio}",
             ),
             (
-                self.autocast in ("auto", "off", "bf16", "fp16"),
-                f"autocast must be 'auto', 'off', 'bf16' or 'fp16', got {self.autocast!r}",
+                self.autocast in AUTOCAST_CHOICES,
+                f"autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}",
             ),
             (
-                _is_device_name(self.device),
+                is_device_name(self.device),
                 f"device must be 'auto' or a torch device name such as 'cpu', 'cuda', "
                 f"'cuda:1' or 'mps', got {self.device!r}",
             ),
@@ -203,17 +203,6 @@ class FineTuneConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
-
-
-def _is_device_name(name: Any) -> bool:
-    """Whether ``name`` parses as a device (whether this machine has it is checked when a run starts)."""
-    if name == "auto":
-        return True
-    try:
-        torch.device(name)
-    except (RuntimeError, TypeError):
-        return False
-    return True
 
 
 def with_backend(config: FineTuneConfig, backend: str) -> FineTuneConfig:

@@ -12,8 +12,8 @@ import contextlib
 
 import torch
 
-__all__ = ["AUTOCAST_CHOICES", "autocast_dtype", "autocast_for", "device_choices", "move_batch", "peak_memory",
-           "resolve_device", "to_device"]  # fmt: skip
+__all__ = ["AUTOCAST_CHOICES", "autocast_dtype", "autocast_for", "device_choices", "is_device_name", "move_batch",
+           "peak_memory", "resolve_device", "to_device"]  # fmt: skip
 
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 
@@ -34,6 +34,17 @@ def device_choices() -> tuple[str, ...]:
     return (*out, "cpu")
 
 
+def is_device_name(name: object) -> bool:
+    """Whether ``name`` parses as a device (whether this machine has it is checked when a run starts)."""
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """The device ``name`` stands for: ``"auto"`` (or None) is CUDA, then MPS, then the CPU.
 
@@ -47,7 +58,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
+    except (RuntimeError, TypeError) as err:  # the same parse as is_device_name, with the reason
         raise ValueError(
             f"train.device: {name!r} is not a device name ({err}); use one of {device_choices()}"
         ) from err

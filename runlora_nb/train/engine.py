@@ -349,7 +349,8 @@ class FineTuner:
 
     def _checkpoint(self) -> None:
         if adapter_is_finite(self.model):  # a non-finite state is never sent over the last good one
-            self._emit("on_checkpoint", CheckpointEvent(self.step, self.snapshot()))
+            if self.ranks.main:  # only rank 0's listeners write checkpoints: other ranks would drop the copy
+                self._emit("on_checkpoint", CheckpointEvent(self.step, self.snapshot()))
             self._checkpoint_step = self.step
 
     def run(self) -> History:
